@@ -1,0 +1,63 @@
+"""The ``conspo`` command: one sub-command per service, plus the embedded demo.
+
+Service modules are imported lazily so that ``conspo verifier`` never imports torch and
+``conspo api`` never imports transformers: start-up time and memory per replica matter when a
+verifier is scaled to dozens of containers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+
+from conspo.settings import SettingsError
+
+SERVICES = {
+    "api": "services.api.main",
+    "generator": "services.generator.main",
+    "verifier": "services.verifier.main",
+    "learner": "services.learner.main",
+    "demo": "conspo.demo",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="conspo", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, module in SERVICES.items():
+        p = sub.add_parser(name, help=f"run the {name}" if name != "demo" else "embedded CPU run")
+        p.add_argument("--config", help="YAML or TOML settings file (sets CONSPO_CONFIG)")
+        p.add_argument("--run", help="run name (sets CONSPO_RUN)")
+        p.add_argument("--redis-url", help="Redis URL (sets CONSPO_REDIS_URL)")
+        p.set_defaults(module=module)
+        if name == "demo":
+            from conspo.demo_args import add_demo_arguments
+
+            add_demo_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    for flag, env in (
+        ("config", "CONSPO_CONFIG"),
+        ("run", "CONSPO_RUN"),
+        ("redis_url", "CONSPO_REDIS_URL"),
+    ):
+        value = getattr(args, flag, None)
+        if value:
+            os.environ[env] = value
+    module = importlib.import_module(args.module)
+    try:
+        return int(module.main(args) or 0)
+    except SettingsError as exc:
+        logging.basicConfig()
+        print(f"conspo {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,16 @@
+"""Flags of ``conspo demo`` (kept apart so ``conspo --help`` stays cheap to import)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_demo_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--steps", type=int, default=None, help="learner steps")
+    p.add_argument("--objective", default=None, help="conspo, grpo, dr_grpo, dapo, gspo, ...")
+    p.add_argument("--verifiers", type=int, default=None, help="verifier replicas")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--fresh", action="store_true", help="redo the warm start instead of reusing it")
+    p.add_argument("--out", default=None, help="output directory (default runs/demo-<seed>)")
+    p.add_argument("--max-staleness", type=int, default=None)
+    p.add_argument("--quiet", action="store_true", help="no live progress display")

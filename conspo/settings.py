@@ -1,0 +1,236 @@
+"""One validated settings object per service.
+
+Sources, strongest first: keyword overrides (tests, the demo), ``CONSPO_*`` environment variables,
+an optional YAML or TOML file named by ``CONSPO_CONFIG``, then the defaults below. In the file,
+top-level keys apply to every service and a table named after the service (``[learner]``)
+overrides them for that service only, so one file describes a whole run.
+
+Each service reads only its own class; shared knobs (Redis, run name, limits) live in
+``CommonSettings`` so they are spelled the same everywhere. Validation happens at start-up and
+``load`` turns pydantic's errors into one readable ``SettingsError`` naming the env variables.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, ClassVar, Literal, TypeVar
+
+import yaml
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from conspo.keys import Keys
+
+
+class SettingsError(ValueError):
+    """Configuration is invalid; the message lists every offending variable."""
+
+
+class _FileSource(PydanticBaseSettingsSource):
+    """Reads ``CONSPO_CONFIG`` (YAML or TOML): top-level keys, then the service's own table."""
+
+    def __init__(self, settings_cls: type[BaseSettings]) -> None:
+        super().__init__(settings_cls)
+        self._data = self._load(settings_cls)
+
+    @staticmethod
+    def _load(settings_cls: type[BaseSettings]) -> dict[str, Any]:
+        path = os.environ.get("CONSPO_CONFIG")
+        if not path:
+            return {}
+        file = Path(path)
+        if not file.is_file():
+            raise SettingsError(f"CONSPO_CONFIG={path}: no such file")
+        text = file.read_text()
+        try:
+            if file.suffix in (".toml", ".tml"):
+                raw = tomllib.loads(text)
+            else:
+                raw = yaml.safe_load(text) or {}
+        except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+            raise SettingsError(f"CONSPO_CONFIG={path}: cannot parse: {exc}") from None
+        if not isinstance(raw, dict):
+            raise SettingsError(f"CONSPO_CONFIG={path}: expected a mapping at the top level")
+        sections = {"api", "generator", "verifier", "learner", "demo"}
+        data = {k: v for k, v in raw.items() if k not in sections}
+        own = raw.get(getattr(settings_cls, "service", ""), {}) or {}
+        if not isinstance(own, dict):
+            raise SettingsError(f"CONSPO_CONFIG={path}: section must be a mapping")
+        data.update(own)
+        return data
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return self._data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return {k: v for k, v in self._data.items() if k in self.settings_cls.model_fields}
+
+
+class CommonSettings(BaseSettings):
+    """Knobs every service shares."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="CONSPO_", extra="ignore", validate_default=True, frozen=True
+    )
+    service: ClassVar[str] = ""
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_password: SecretStr | None = Field(
+        default=None, description="Used when redis_url carries no password (Redis AUTH / ACL)."
+    )
+    redis_username: str | None = None
+    run: str = Field(default="default", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_json: bool = False
+    metrics_port: int = Field(default=0, ge=0, le=65535, description="Prometheus; 0 = off.")
+    data_dir: Path = Path("runs")
+    max_entry_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    max_deliveries: int = Field(default=5, ge=1)
+    visibility_timeout_s: float = Field(default=60.0, gt=0)
+    heartbeat_s: float = Field(default=2.0, gt=0)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _FileSource(settings_cls), file_secret_settings)
+
+    @property
+    def keys(self) -> Keys:
+        return Keys(run=self.run)
+
+    @property
+    def run_dir(self) -> Path:
+        return self.data_dir / self.run
+
+
+class GeneratorSettings(CommonSettings):
+    service: ClassVar[str] = "generator"
+
+    backend: Literal["hf", "vllm"] = "hf"
+    model_path: Path | None = Field(default=None, description="None: the bundled tiny model.")
+    device: str = "auto"
+    group_size: int = Field(default=8, ge=1, le=1024)
+    temperature: float = Field(default=1.0, ge=0.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    max_tokens: int = Field(default=512, ge=1)
+    stop: list[str] = Field(default_factory=list)
+    seed: int = 0
+    prompts_per_batch: int = Field(default=16, ge=1, description="Prompts per engine call.")
+    max_backlog: int = Field(default=256, ge=1, description="rollouts+labeled groups bound.")
+    max_staleness: int = Field(default=1, ge=0)
+    poll_ms: int = Field(default=500, ge=1)
+    weight_sync_timeout_s: float = Field(default=120.0, gt=0)
+    vllm_gpu_memory_utilization: float = Field(default=0.85, gt=0.0, le=1.0)
+    vllm_max_model_len: int | None = None
+    vllm_tensor_parallel_size: int = Field(default=1, ge=1)
+
+
+class VerifierSettings(CommonSettings):
+    service: ClassVar[str] = "verifier"
+
+    processes: int = Field(default=1, ge=1, description="Grading processes per replica.")
+    timeout_s: float = Field(default=5.0, gt=0, description="Hard wall-clock limit per item.")
+    groups_per_read: int = Field(default=4, ge=1)
+    block_ms: int = Field(default=1000, ge=1)
+    correct_reward: float = 1.0
+    wrong_reward: float = 0.0
+    no_answer_reward: float = 0.0
+    scan_chars: int = Field(default=16_384, ge=64)
+
+
+class LearnerSettings(CommonSettings):
+    service: ClassVar[str] = "learner"
+
+    model_path: Path | None = Field(default=None, description="None: the bundled tiny model.")
+    ref_model_path: Path | None = None
+    device: str = "auto"
+    objective: str = "conspo"
+    objective_params: dict[str, float | int | bool | str] = Field(default_factory=dict)
+    tau: float = Field(default=10.0, gt=0)
+    margin: float = Field(default=0.01, ge=0, description="Target curriculum margin M.")
+    margin_warmup: float = Field(default=0.3, ge=0, le=1, description="alpha of the ramp.")
+    kl_beta: float = Field(default=0.0, ge=0)
+    batch_groups: int = Field(default=32, ge=1, description="Groups per optimizer step.")
+    skip_uninformative: bool = True
+    max_staleness: int = Field(default=1, ge=0)
+    token_budget: int = Field(default=16_384, ge=1, description="Tokens per micro-batch.")
+    lr: float = Field(default=1e-6, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = Field(default=1.0, gt=0)
+    warmup_steps: int = Field(default=0, ge=0)
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    total_steps: int = Field(default=1000, ge=1)
+    bf16: bool = True
+    grad_checkpointing: bool = False
+    seed: int = 0
+    push_every: int = Field(default=1, ge=1)
+    checkpoint_every: int = Field(default=10, ge=1)
+    keep_checkpoints: int = Field(default=3, ge=1)
+    weight_sync_host: str = "127.0.0.1"
+    weight_sync_port: int = Field(default=0, ge=0, le=65535, description="0: pick a free port.")
+    weight_sync_timeout_s: float = Field(default=60.0, gt=0)
+    eval_every: int = Field(default=0, ge=0, description="0: no periodic evaluation.")
+    eval_set: str = "arith"
+    eval_samples: int = Field(default=200, ge=1)
+    eval_k: int = Field(default=4, ge=1)
+    wait_timeout_s: float = Field(default=0.0, ge=0, description="0: wait for data forever.")
+
+
+class ApiSettings(CommonSettings):
+    service: ClassVar[str] = "api"
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    api_token: SecretStr | None = None
+    auth_disabled: bool = Field(default=False, description="Only for local use.")
+    max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
+    max_prompts_per_request: int = Field(default=1000, ge=1)
+    feed_max_backlog: int = Field(default=512, ge=1, description="prompts backlog bound.")
+    dataset_roots: list[Path] = Field(default_factory=list)
+
+    @field_validator("api_token")
+    @classmethod
+    def _nonempty(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and len(v.get_secret_value()) < 8:
+            raise ValueError("api_token must be at least 8 characters")
+        return v
+
+    @model_validator(mode="after")
+    def _auth_by_default(self) -> ApiSettings:
+        if self.api_token is None and not self.auth_disabled:
+            raise ValueError(
+                "the api requires a bearer token: set CONSPO_API_TOKEN, or "
+                "CONSPO_AUTH_DISABLED=true for local use only"
+            )
+        return self
+
+
+S = TypeVar("S", bound=CommonSettings)
+
+
+def load(cls: type[S], **overrides: Any) -> S:
+    """Build and validate ``cls``; raises ``SettingsError`` with one line per problem."""
+    try:
+        return cls(**overrides)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors(include_url=False):
+            if not err["loc"]:
+                lines.append(f"  {err['msg']}")
+                continue
+            name = ".".join(str(p) for p in err["loc"])
+            env = f"CONSPO_{str(err['loc'][0]).upper()}"
+            lines.append(f"  {name} ({env}): {err['msg']} (got {err.get('input')!r})")
+        raise SettingsError(
+            f"invalid {cls.service or 'common'} settings:\n" + "\n".join(lines)
+        ) from None

@@ -1,0 +1,85 @@
+"""The run's shared state in Redis: status, counters, heartbeats and learning-curve points.
+
+Counters are HINCRBY on one hash so any replica can add to them without coordination; the api
+reads the whole hash in one call. Heartbeats carry each instance's status and last error, and an
+instance whose heartbeat is older than a few intervals is reported as gone, not deleted, so a
+crash stays visible.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+
+import redis
+
+from conspo.keys import Keys
+from conspo.protocol import DecodeError, Heartbeat, decode, encode
+
+
+class RunStore:
+    def __init__(self, client: redis.Redis, keys: Keys) -> None:
+        self.client = client
+        self.keys = keys
+
+    # -- counters --------------------------------------------------------------------------------
+    def incr(self, counts: Mapping[str, int]) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        for name, n in counts.items():
+            if n:
+                pipe.hincrby(self.keys.counters, name, int(n))
+        pipe.execute()
+
+    def counters(self) -> dict[str, int]:
+        raw = self.client.hgetall(self.keys.counters)
+        return {k.decode(): int(v) for k, v in raw.items()}
+
+    # -- status fields ---------------------------------------------------------------------------
+    def set_fields(self, **fields: str | int | float) -> None:
+        self.client.hset(self.keys.state, mapping={k: str(v) for k, v in fields.items()})
+
+    def fields(self) -> dict[str, str]:
+        return {k.decode(): v.decode() for k, v in self.client.hgetall(self.keys.state).items()}
+
+    def policy_version(self) -> int:
+        raw = self.client.hget(self.keys.state, "policy_version")
+        return int(raw) if raw is not None else 0
+
+    # -- heartbeats ------------------------------------------------------------------------------
+    def heartbeat(self, beat: Heartbeat) -> None:
+        self.client.hset(self.keys.heartbeats, f"{beat.service}:{beat.instance}", encode(beat))
+
+    def heartbeats(self) -> list[Heartbeat]:
+        beats = []
+        for raw in self.client.hgetall(self.keys.heartbeats).values():
+            try:
+                beats.append(decode(raw, Heartbeat))
+            except DecodeError:
+                continue  # a foreign writer must not break the status page
+        return sorted(beats, key=lambda b: (b.service, b.instance))
+
+    def forget_stale(self, older_than_s: float) -> int:
+        """Drop heartbeats older than ``older_than_s`` (called rarely, e.g. by the api)."""
+        now = time.time()
+        stale = [
+            f"{b.service}:{b.instance}" for b in self.heartbeats() if now - b.at > older_than_s
+        ]
+        if stale:
+            self.client.hdel(self.keys.heartbeats, *stale)
+        return len(stale)
+
+    # -- learning-curve series -------------------------------------------------------------------
+    def append_point(
+        self, series: str, point: Mapping[str, float | int], cap: int = 10_000
+    ) -> None:
+        key = self.keys.metrics_series(series)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.rpush(key, json.dumps(dict(point)))
+        pipe.ltrim(key, -cap, -1)
+        pipe.execute()
+
+    def series(self, series: str, last: int = 1000) -> list[dict[str, float]]:
+        return [
+            json.loads(x) for x in self.client.lrange(self.keys.metrics_series(series), -last, -1)
+        ]

@@ -1,0 +1,211 @@
+"""The Redis Streams layer against a real Redis, with real consumer processes."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+from conspo.keys import Keys
+from conspo.protocol import DeadLetter, Prompt, decode
+from conspo.queue import StreamQueue
+from conspo.testing import wait_for
+
+WORKER = Path(__file__).with_name("queue_worker.py")
+
+
+def prompt(i: int) -> Prompt:
+    return Prompt(
+        prompt_id=f"p-{i}", text=f"{i}+{i}=", answer=str(2 * i), verifier="arith", created_at=1.0
+    )
+
+
+def queues(client: redis.Redis, keys: Keys, **kw) -> tuple[StreamQueue, StreamQueue]:
+    return (
+        StreamQueue(client, keys, "prompts", Prompt, **kw),
+        StreamQueue(client, keys, "rollouts", Prompt),
+    )
+
+
+def dead_letters(client: redis.Redis, keys: Keys) -> list[DeadLetter]:
+    return [decode(f[b"d"], DeadLetter) for _, f in client.xrange(keys.dead)]
+
+
+def start_worker(mode: str, url: str, run: str, visibility: float) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(WORKER), mode, url, run, str(visibility)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_entry_of_a_killed_consumer_is_delivered_to_another(redis_client, redis_url, keys):
+    src, _ = queues(redis_client, keys, visibility_timeout_s=0.5)
+    entry = src.publish(prompt(1), "p-1")
+    proc = start_worker("hold", redis_url, keys.run, 0.5)
+    try:
+        line = proc.stdout.readline()
+        assert line.strip() == f"GOT {entry}"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        proc.kill()
+    assert src.read("other", count=1, block_ms=10) == []  # still inside its visibility timeout
+    time.sleep(0.6)
+    got = src.read("other", count=1, block_ms=10)
+    assert [(d.entry_id, d.message, d.deliveries) for d in got] == [(entry, prompt(1), 2)]
+
+
+def test_failing_entry_lands_in_dead_letters_with_its_reason(redis_client, keys):
+    src, _ = queues(redis_client, keys, max_deliveries=3, visibility_timeout_s=30)
+    entry = src.publish(prompt(2), "p-2")
+    deliveries = []
+    for _ in range(5):
+        got = src.read("c", count=1, block_ms=10)
+        if not got:
+            break
+        deliveries.append(got[0].deliveries)
+        src.fail(got[0], f"sympy exploded on try {got[0].deliveries}")
+    assert deliveries == [1, 2, 3]
+    [letter] = dead_letters(redis_client, keys)
+    assert (letter.entry_id, letter.source, letter.deliveries) == (entry, "prompts", 3)
+    assert letter.reason == "sympy exploded on try 3"
+    assert decode(letter.payload, Prompt) == prompt(2)
+    assert src.backlog().outstanding == 0
+
+
+def test_entry_whose_consumers_keep_dying_is_dead_lettered(redis_client, keys):
+    src, _ = queues(redis_client, keys, max_deliveries=2, visibility_timeout_s=0.05)
+    src.publish(prompt(3), "p-3")
+    seen = []
+    for consumer in ("a", "b", "c", "d"):
+        time.sleep(0.06)
+        seen += [d.deliveries for d in src.read(consumer, count=1, block_ms=10)]
+    assert seen == [1, 2]  # the third delivery is refused and dead-lettered instead
+    [letter] = dead_letters(redis_client, keys)
+    assert "gave up after 2 deliveries" in letter.reason
+    assert src.backlog().outstanding == 0
+
+
+def test_undecodable_entry_is_dead_lettered_not_returned(redis_client, keys):
+    src, _ = queues(redis_client, keys)
+    src.ensure_group()
+    bad = redis_client.xadd(keys.prompts, {"k": "p-x", "d": b"\x93garbage"}).decode()
+    good = src.publish(prompt(4), "p-4")
+    got = src.read("c", count=10, block_ms=10)
+    assert [d.entry_id for d in got] == [good]
+    [letter] = dead_letters(redis_client, keys)
+    assert letter.entry_id == bad and letter.reason.startswith("undecodable")
+
+
+def test_duplicate_delivery_of_a_group_produces_one_output(redis_client, keys):
+    src, dst = queues(redis_client, keys)
+    src.publish(prompt(5), "group-5")
+    src.publish(prompt(5), "group-5")  # the same group delivered twice
+    got = src.read("c", count=10, block_ms=10)
+    assert len(got) == 2
+    results = [src.commit(d, stage="verify", item=d.key, outputs=[(dst, d.message, d.key)])
+               for d in got]  # fmt: skip
+    assert [fresh for _, fresh in results] == [True, False]
+    assert results[0][0] == results[1][0]  # the marker points at the one output entry
+    assert redis_client.xlen(keys.rollouts) == 1
+    assert src.backlog().outstanding == 0  # both deliveries acked
+
+
+def test_publish_once_is_idempotent(redis_client, keys):
+    src, _ = queues(redis_client, keys)
+    first = src.publish_once(prompt(6), "k6", stage="api")
+    again = src.publish_once(prompt(6), "k6", stage="api")
+    assert first[1] is True and again == (first[0], False)
+    assert redis_client.xlen(keys.prompts) == 1
+
+
+def test_trim_never_drops_unacknowledged_entries(redis_client, keys):
+    src, _ = queues(redis_client, keys)
+    ids = [e for e in src.publish_many([(prompt(i), f"p-{i}") for i in range(10)])]
+    got = src.read("c", count=6, block_ms=10)
+    src.ack(*got[:2], got[3])  # entry 2 stays pending, 6..9 were never read
+    removed = src.trim()
+    assert removed == 2
+    remaining = [i.decode() for i, _ in redis_client.xrange(keys.prompts)]
+    assert remaining == ids[2:]
+    src.ack(*got)
+    assert src.trim() == 4  # now everything read is acked: 6..9 (unread) stay
+    assert [i.decode() for i, _ in redis_client.xrange(keys.prompts)] == ids[6:]
+    assert [d.entry_id for d in src.read("c", count=10, block_ms=10)] == ids[6:]
+
+
+def test_trim_keeps_the_newest_entries_when_asked(redis_client, keys):
+    src, _ = queues(redis_client, keys)
+    ids = src.publish_many([(prompt(i), f"p-{i}") for i in range(10)])
+    src.ack(*src.read("c", count=10, block_ms=10))
+    assert src.trim(keep_last=4) == 6
+    assert [i.decode() for i, _ in redis_client.xrange(keys.prompts)] == ids[6:]
+
+
+def test_backlog_counts_lag_and_pending(redis_client, keys):
+    src, _ = queues(redis_client, keys)
+    src.publish_many([(prompt(i), f"p-{i}") for i in range(7)])
+    got = src.read("c", count=3, block_ms=10)
+    src.ack(got[0])
+    b = src.backlog()
+    assert (b.length, b.pending, b.lag, b.outstanding) == (7, 2, 4, 6)
+
+
+def test_release_hands_entries_back_immediately(redis_client, keys):
+    src, _ = queues(redis_client, keys, visibility_timeout_s=3600)
+    src.publish(prompt(7), "p-7")
+    [d] = src.read("stopping", count=1, block_ms=10)
+    src.release(d)
+    [again] = src.read("other", count=1, block_ms=10)
+    assert again.entry_id == d.entry_id and again.deliveries == 2
+
+
+def test_read_own_pending_recovers_a_restarted_consumer(redis_client, keys):
+    src, _ = queues(redis_client, keys)
+    src.publish_many([(prompt(i), f"p-{i}") for i in range(5)])
+    first = src.read("learner-0", count=3, block_ms=10)
+    src.ack(first[1])
+    again = src.read_own_pending("learner-0")
+    assert [d.entry_id for d in again] == [first[0].entry_id, first[2].entry_id]
+    assert [d.deliveries for d in again] == [2, 2]
+
+
+def test_ten_thousand_entries_three_consumers_exactly_once(redis_client, redis_url, keys):
+    n = 10_000
+    src, _ = queues(redis_client, keys)
+    workers = [start_worker("relay", redis_url, keys.run, 1.0) for _ in range(3)]
+    try:
+        for start in range(0, n, 1000):
+            src.publish_many([(prompt(i), f"p-{i}") for i in range(start, start + 1000)])
+        # kill one consumer mid-run and start a replacement: its pending entries are reclaimed
+        assert wait_for(lambda: redis_client.xlen(keys.rollouts) > n // 4, timeout=60)
+        workers[0].send_signal(signal.SIGKILL)
+        workers[0].wait(timeout=10)
+        workers[0] = start_worker("relay", redis_url, keys.run, 1.0)
+        assert wait_for(lambda: redis_client.xlen(keys.rollouts) >= n, timeout=120)
+        assert wait_for(lambda: src.backlog().outstanding == 0, timeout=30)
+    finally:
+        redis_client.hset(keys.state, "stop", "1")
+        for w in workers:
+            try:
+                w.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                w.kill()
+    out = [f[b"k"].decode() for _, f in redis_client.xrange(keys.rollouts)]
+    assert len(out) == n
+    assert sorted(out) == sorted(f"p-{i}" for i in range(n))
+    assert redis_client.xlen(keys.dead) == 0
+
+
+@pytest.mark.parametrize("bad", [0, -5])
+def test_read_without_blocking_returns_immediately(redis_client, keys, bad):
+    src, _ = queues(redis_client, keys)
+    t = time.monotonic()
+    assert src.read("c", count=1, block_ms=bad) == []
+    assert time.monotonic() - t < 0.5
