@@ -42,13 +42,18 @@ from conspo.protocol import (
 log = logging.getLogger(__name__)
 
 _COMMIT = """
--- KEYS[1] input stream ('' allowed as a placeholder when ARGV[2] is ''), KEYS[2] done marker,
--- KEYS[3..] output streams. ARGV: group, entry id, ttl seconds, marker value, then (k, d) pairs.
+-- KEYS[1] input stream, KEYS[2] done marker, KEYS[3] counters hash, KEYS[4..] output streams.
+-- ARGV: group, entry id ('' = nothing to ack), ttl seconds, marker value, number of counters,
+-- then (counter, increment) pairs, then one (k, d) pair per output stream.
 local fresh = redis.call('SET', KEYS[2], ARGV[4], 'NX', 'EX', ARGV[3])
 local first = ''
+local nc = tonumber(ARGV[5])
 if fresh then
-  for i = 3, #KEYS do
-    local a = 5 + 2 * (i - 3)
+  for c = 0, nc - 1 do
+    redis.call('HINCRBY', KEYS[3], ARGV[6 + 2 * c], ARGV[7 + 2 * c])
+  end
+  for i = 4, #KEYS do
+    local a = 6 + 2 * nc + 2 * (i - 4)
     local id = redis.call('XADD', KEYS[i], '*', 'k', ARGV[a], 'd', ARGV[a + 1])
     if first == '' then first = id end
   end
@@ -170,9 +175,11 @@ class StreamQueue(Generic[M]):
             pipe.xadd(self.key, {"k": key, "d": encode(message, max_bytes=self.max_entry_bytes)})
         return [_s(i) for i in pipe.execute()]
 
-    def publish_once(self, message: M, key: str, *, stage: str) -> tuple[str, bool]:
+    def publish_once(
+        self, message: M, key: str, *, stage: str, counters: dict[str, int] | None = None
+    ) -> tuple[str, bool]:
         """Append unless ``stage`` already did for ``key``; returns (entry id, was it new)."""
-        return self._run_commit(None, stage, key, [(self, message, key)])
+        return self._run_commit(None, stage, key, [(self, message, key)], "", counters)
 
     # -- consuming ------------------------------------------------------------------------------
     def read(self, consumer: str, count: int = 1, block_ms: int | None = 1000) -> list[Delivery[M]]:
@@ -223,10 +230,12 @@ class StreamQueue(Generic[M]):
         item: str,
         outputs: Sequence[tuple[StreamQueue, Message, str]] = (),
         marker: str = "",
+        counters: dict[str, int] | None = None,
     ) -> tuple[str, bool]:
-        """Atomically: mark ``item`` done for ``stage``, append ``outputs`` (only the first time),
-        and ack ``delivery``. Returns (first output entry id or the stored marker, was it new)."""
-        return self._run_commit(delivery, stage, item, outputs, marker)
+        """Atomically: mark ``item`` done for ``stage``, append ``outputs`` and add ``counters``
+        (only the first time), and ack ``delivery``. Returns (first output entry id or the
+        stored marker, was it new)."""
+        return self._run_commit(delivery, stage, item, outputs, marker, counters)
 
     def mark_and_ack(self, items: Sequence[tuple[Delivery[M], str, str]], *, stage: str) -> None:
         """For batch consumers (the learner): record ``(delivery, item, marker)`` and ack all."""
@@ -349,14 +358,19 @@ class StreamQueue(Generic[M]):
         item: str,
         outputs: Sequence[tuple[StreamQueue, Message, str]],
         marker: str = "",
+        counters: dict[str, int] | None = None,
     ) -> tuple[str, bool]:
+        counters = counters or {}
         args: list[str | bytes | int] = [
             self.group,
             delivery.entry_id if delivery else "",
             self.done_ttl_s,
             marker,
+            len(counters),
         ]
-        keys = [self.key, self.keys.done(stage, item)]
+        for name, n in counters.items():
+            args.extend([name, int(n)])
+        keys = [self.key, self.keys.done(stage, item), self.keys.counters]
         for queue, message, key in outputs:
             queue.ensure_group()
             keys.append(queue.key)

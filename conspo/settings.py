@@ -185,6 +185,17 @@ class LearnerSettings(CommonSettings):
     eval_k: int = Field(default=4, ge=1)
     wait_timeout_s: float = Field(default=0.0, ge=0, description="0: wait for data forever.")
 
+    @model_validator(mode="after")
+    def _push_often_enough(self) -> LearnerSettings:
+        # Generators sample with the last pushed weights; pushing less often than the staleness
+        # window allows would make every group stale on arrival and starve the learner.
+        if self.push_every > self.max_staleness + 1:
+            raise ValueError(
+                f"push_every={self.push_every} exceeds max_staleness + 1 = "
+                f"{self.max_staleness + 1}: every group would arrive too stale to train on"
+            )
+        return self
+
 
 class ApiSettings(CommonSettings):
     service: ClassVar[str] = "api"

@@ -109,12 +109,22 @@ def test_duplicate_delivery_of_a_group_produces_one_output(redis_client, keys):
     src.publish(prompt(5), "group-5")  # the same group delivered twice
     got = src.read("c", count=10, block_ms=10)
     assert len(got) == 2
-    results = [src.commit(d, stage="verify", item=d.key, outputs=[(dst, d.message, d.key)])
-               for d in got]  # fmt: skip
+    results = [
+        src.commit(
+            d,
+            stage="verify",
+            item=d.key,
+            outputs=[(dst, d.message, d.key)],
+            counters={"verifier.groups": 1, "verifier.completions": 8},
+        )
+        for d in got
+    ]
     assert [fresh for _, fresh in results] == [True, False]
     assert results[0][0] == results[1][0]  # the marker points at the one output entry
     assert redis_client.xlen(keys.rollouts) == 1
     assert src.backlog().outstanding == 0  # both deliveries acked
+    counters = redis_client.hgetall(keys.counters)
+    assert counters == {b"verifier.groups": b"1", b"verifier.completions": b"8"}
 
 
 def test_publish_once_is_idempotent(redis_client, keys):

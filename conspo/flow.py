@@ -1,0 +1,121 @@
+"""Admission control: how far generation may run ahead of training.
+
+Every group sampled with policy version ``v`` and trained at learner version ``v_l`` has staleness
+``v_l - v``. Bounding it by ``max_staleness`` means bounding the groups in flight: generators may
+have at most ``(max_staleness + 1) * B`` groups produced or being produced beyond what the learner
+has finished with (B = groups per learner step). ``max_staleness = 0`` is then exactly the
+synchronous baseline: B groups are generated, the learner trains on them, pushes, and only then
+does generation resume (with the new weights).
+
+The accounting lives in Redis so any number of generators share one budget:
+
+- ``generator.groups``: groups committed to ``rollouts`` (incremented inside the commit script);
+- ``learner.groups_consumed``: groups the learner is done with (skipped and dropped ones as soon as
+  they are seen, trained ones when their step completes);
+- ``flow:leases``: groups each generator is producing right now, with an expiry, so a generator
+  that dies mid-batch stops holding budget after ``lease_ttl_s``.
+
+``reserve`` runs as one Lua script: it reads the three, grants what fits, and records the lease.
+The learner publishes ``batch_groups`` and ``max_staleness`` in the state hash at start-up so the
+generators enforce the learner's numbers, not their own.
+"""
+
+from __future__ import annotations
+
+import time
+
+import redis
+
+from conspo.keys import Keys
+
+PRODUCED = "generator.groups"
+CONSUMED = "learner.groups_consumed"
+
+_RESERVE = """
+-- KEYS: counters, leases, state. ARGV: instance, want, B, max_staleness, now, ttl, served version
+local produced = tonumber(redis.call('HGET', KEYS[1], 'generator.groups') or '0')
+local consumed = tonumber(redis.call('HGET', KEYS[1], 'learner.groups_consumed') or '0')
+local B = tonumber(redis.call('HGET', KEYS[3], 'batch_groups') or ARGV[3])
+local s = tonumber(redis.call('HGET', KEYS[3], 'max_staleness') or ARGV[4])
+local learner_version = tonumber(redis.call('HGET', KEYS[3], 'policy_version') or '0')
+local now = tonumber(ARGV[5])
+if learner_version - tonumber(ARGV[7]) > s then
+  redis.call('HDEL', KEYS[2], ARGV[1])
+  return {0, -1}
+end
+local others = 0
+local leases = redis.call('HGETALL', KEYS[2])
+for i = 1, #leases, 2 do
+  if leases[i] ~= ARGV[1] then
+    local n, expiry = string.match(leases[i + 1], '^(%d+):([%d%.]+)$')
+    if n and tonumber(expiry) > now then others = others + tonumber(n)
+    else redis.call('HDEL', KEYS[2], leases[i]) end
+  end
+end
+local cap = consumed + (s + 1) * B - produced - others
+local grant = math.max(0, math.min(tonumber(ARGV[2]), cap))
+if grant > 0 then
+  redis.call('HSET', KEYS[2], ARGV[1], grant .. ':' .. (now + tonumber(ARGV[6])))
+else
+  redis.call('HDEL', KEYS[2], ARGV[1])
+end
+return {grant, cap}
+"""
+
+
+class FlowControl:
+    def __init__(
+        self,
+        client: redis.Redis,
+        keys: Keys,
+        *,
+        batch_groups: int,
+        max_staleness: int,
+        lease_ttl_s: float = 60.0,
+    ) -> None:
+        self.client = client
+        self.keys = keys
+        self.batch_groups = batch_groups
+        self.max_staleness = max_staleness
+        self.lease_ttl_s = lease_ttl_s
+        self._reserve = client.register_script(_RESERVE)
+
+    @property
+    def leases_key(self) -> str:
+        return f"{self.keys.base}:flow:leases"
+
+    def reserve(self, instance: str, want: int, served_version: int) -> int:
+        """How many groups ``instance`` may start now (0: wait). A second call replaces the lease.
+
+        Returns 0 too when the instance's weights are more than ``max_staleness`` versions behind
+        the learner: it must apply the next push first.
+        """
+        grant, _ = self._reserve(
+            keys=[self.keys.counters, self.leases_key, self.keys.state],
+            args=[
+                instance,
+                want,
+                self.batch_groups,
+                self.max_staleness,
+                time.time(),
+                self.lease_ttl_s,
+                served_version,
+            ],
+        )
+        return int(grant)
+
+    def release(self, instance: str) -> None:
+        """Drop the lease once the batch is committed (its groups now count as produced)."""
+        self.client.hdel(self.leases_key, instance)
+
+    def consumed(self, n: int) -> None:
+        """The learner is done with ``n`` more groups (trained, skipped or dropped)."""
+        if n:
+            self.client.hincrby(self.keys.counters, CONSUMED, n)
+
+    def publish_limits(self, *, batch_groups: int, max_staleness: int) -> None:
+        """Called by the learner at start-up: generators enforce these numbers."""
+        self.client.hset(
+            self.keys.state,
+            mapping={"batch_groups": batch_groups, "max_staleness": max_staleness},
+        )
