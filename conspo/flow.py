@@ -113,6 +113,11 @@ class FlowControl:
         if n:
             self.client.hincrby(self.keys.counters, CONSUMED, n)
 
+    def set_consumed(self, total: int) -> None:
+        """The learner's checkpointed total: absolute, so replaying steps after a restart does
+        not count their groups twice."""
+        self.client.hset(self.keys.counters, CONSUMED, int(total))
+
     def publish_limits(self, *, batch_groups: int, max_staleness: int) -> None:
         """Called by the learner at start-up: generators enforce these numbers."""
         self.client.hset(
