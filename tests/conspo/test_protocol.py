@@ -166,7 +166,7 @@ def test_model_invariants() -> None:
     group = make_group(2, 4)
     with pytest.raises(ValueError, match="labels"):
         LabeledGroup(rollout=group, labels=[Label(reward=1.0, verdict=Verdict.CORRECT)])
-    with pytest.raises(ValueError, match="greater than or equal"):
+    with pytest.raises(ValueError, match="must lie in"):
         Completion(token_ids=[-1], logprobs=[0.0], text="", finish_reason="stop")
 
 
