@@ -91,6 +91,9 @@ class CommonSettings(BaseSettings):
     max_deliveries: int = Field(default=5, ge=1)
     visibility_timeout_s: float = Field(default=60.0, gt=0)
     heartbeat_s: float = Field(default=2.0, gt=0)
+    retain_entries: int = Field(
+        default=10_000, ge=0, description="Acked entries kept per stream for lineage queries."
+    )
 
     @classmethod
     def settings_customise_sources(
@@ -129,9 +132,31 @@ class GeneratorSettings(CommonSettings):
     max_staleness: int = Field(default=1, ge=0)
     poll_ms: int = Field(default=500, ge=1)
     weight_sync_timeout_s: float = Field(default=120.0, gt=0)
+    weight_sync_backend: Literal["auto", "gloo", "nccl"] = "auto"
+    weight_sync_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto",
+        description="dtype of the tensors the learner sends (auto: hf = the model's own dtype, "
+        "vllm = float32, the learner's master weights). Must match the learner's layout.",
+    )
+    batch_groups: int = Field(
+        default=32, ge=1, description="Groups per learner step, until the learner publishes it."
+    )
+    lease_ttl_s: float = Field(
+        default=120.0, gt=0, description="Flow-control lease: longer than one engine call."
+    )
+    hf_seed_mode: Literal["group", "batch"] = Field(
+        default="group",
+        description="group: each seeded group sampled alone (a redo reproduces it exactly); "
+        "batch: one call per batch (several times faster on CPU, reproducible per batch only).",
+    )
+    backoff_s: float = Field(default=0.5, gt=0, description="First pause after engine errors.")
+    backoff_max_s: float = Field(default=30.0, gt=0)
     vllm_gpu_memory_utilization: float = Field(default=0.85, gt=0.0, le=1.0)
     vllm_max_model_len: int | None = None
     vllm_tensor_parallel_size: int = Field(default=1, ge=1)
+    vllm_dtype: str = Field(default="auto", description="vLLM engine dtype (auto: the config's).")
+    vllm_enforce_eager: bool = False
+    vllm_enable_prefix_caching: bool = True
 
 
 class VerifierSettings(CommonSettings):
@@ -145,6 +170,11 @@ class VerifierSettings(CommonSettings):
     wrong_reward: float = 0.0
     no_answer_reward: float = 0.0
     scan_chars: int = Field(default=16_384, ge=64)
+    error_reward: float = Field(default=0.0, description="Reward when grading itself failed.")
+    memory_limit_mb: int = Field(default=2048, ge=64, description="RLIMIT_AS per grader.")
+    plugins: list[str] = Field(
+        default_factory=list, description="Modules imported in graders to register verifiers."
+    )
 
 
 class LearnerSettings(CommonSettings):
@@ -184,6 +214,27 @@ class LearnerSettings(CommonSettings):
     eval_samples: int = Field(default=200, ge=1)
     eval_k: int = Field(default=4, ge=1)
     wait_timeout_s: float = Field(default=0.0, ge=0, description="0: wait for data forever.")
+    consumer: str | None = Field(
+        default=None, description="Stable consumer name; None: learner-<run>-rank0."
+    )
+    block_ms: int = Field(default=1000, ge=1, description="XREADGROUP block per read.")
+    num_threads: int = Field(default=0, ge=0, description="torch CPU threads; 0: torch default.")
+    deterministic: bool = Field(
+        default=False, description="torch.use_deterministic_algorithms (exact CPU resume)."
+    )
+    log_entropy: bool = True
+    progress_bar: bool = Field(default=True, description="tqdm on stderr when it is a TTY.")
+    plot_every: int = Field(default=10, ge=0, description="Refresh curves.png; 0: at exit only.")
+    eval_temperature: float = Field(default=0.6, ge=0)
+    eval_top_p: float = Field(default=0.95, gt=0, le=1)
+    eval_max_tokens: int | None = Field(default=None, ge=1, description="None: per eval set.")
+    eval_at_start: bool = True
+    weight_sync_backend: Literal["auto", "gloo", "nccl"] = "auto"
+    weight_sync_member_ttl_s: float = Field(default=15.0, gt=0)
+    weight_sync_bucket_mb: int = Field(default=1024, ge=1)
+    colocated_generator: bool = Field(
+        default=False, description="A generator shares the learner's GPU (no NCCL broadcast)."
+    )
 
     @model_validator(mode="after")
     def _push_often_enough(self) -> LearnerSettings:
@@ -207,7 +258,22 @@ class ApiSettings(CommonSettings):
     max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
     max_prompts_per_request: int = Field(default=1000, ge=1)
     feed_max_backlog: int = Field(default=512, ge=1, description="prompts backlog bound.")
-    dataset_roots: list[Path] = Field(default_factory=list)
+    dataset_roots: list[Path] = Field(
+        default_factory=list, description="Server-side dataset files must lie under one of these."
+    )
+    feed_interval_s: float = Field(default=0.5, gt=0, description="Feeder poll period.")
+    feed_batch: int = Field(default=128, ge=1, description="Most prompts fed per dataset per tick.")
+    feed_lock_ttl_s: float = Field(default=15.0, gt=0, description="Per-dataset feeder lock.")
+    feeder_enabled: bool = Field(default=True, description="Run the dataset feeder thread.")
+    max_dataset_rows: int = Field(default=200_000, ge=1)
+    idempotency_ttl_s: int = Field(default=24 * 3600, ge=1, description="Replay window.")
+    redis_timeout_s: float = Field(
+        default=2.0, gt=0, description="Socket timeout of request-path Redis calls (then 503)."
+    )
+    dead_scan_limit: int = Field(
+        default=2000, ge=1, description="Newest dead letters scanned by the lineage endpoint."
+    )
+    shutdown_grace_s: float = Field(default=10.0, gt=0)
 
     @field_validator("api_token")
     @classmethod

@@ -1,0 +1,167 @@
+"""The verifier replica's loop: rollouts -> grades -> labeled, exactly once per group.
+
+Replicas share the ``verifiers`` consumer group and nothing else. Each read batch is graded in
+one ``GradingPool.grade`` call, so the pool's processes work on completions of several groups at
+once; each group is then committed on its own through the idempotent commit (marker
+``done:verify:<group id>``, one ``labeled`` entry, ack, counters), so a replica killed between
+two commits leaves the rest of its batch to be reclaimed, and a group delivered twice is labelled
+once. A pool failure (not an item's content: those become verdicts) releases the batch for
+immediate redelivery and rebuilds the pool.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter as Tally
+from collections.abc import Callable
+
+import redis
+
+from conspo.lineage import VERIFY
+from conspo.protocol import LabeledGroup, RolloutGroup
+from conspo.queue import Delivery, StreamQueue
+from conspo.service import ServiceRuntime
+from conspo.settings import VerifierSettings
+from services.verifier.config import GradeConfig, GradeItem
+from services.verifier.metrics import VerifierMetrics
+from services.verifier.pool import GradingPool, PoolError
+
+log = logging.getLogger(__name__)
+
+
+def grade_config(settings: VerifierSettings) -> GradeConfig:
+    return GradeConfig(
+        correct_reward=settings.correct_reward,
+        wrong_reward=settings.wrong_reward,
+        no_answer_reward=settings.no_answer_reward,
+        error_reward=settings.error_reward,
+        scan_chars=settings.scan_chars,
+    )
+
+
+def make_pool(settings: VerifierSettings) -> GradingPool:
+    return GradingPool(
+        processes=settings.processes,
+        timeout_s=settings.timeout_s,
+        config=grade_config(settings),
+        plugins=settings.plugins,
+        memory_limit_mb=settings.memory_limit_mb,
+    )
+
+
+class VerifierWorker:
+    def __init__(
+        self,
+        runtime: ServiceRuntime,
+        settings: VerifierSettings,
+        pool_factory: Callable[[], GradingPool],
+    ) -> None:
+        self.rt = runtime
+        self.settings = settings
+        self.pool_factory = pool_factory
+        self.pool: GradingPool | None = None
+        common = {
+            "max_deliveries": settings.max_deliveries,
+            "visibility_timeout_s": settings.visibility_timeout_s,
+            "max_entry_bytes": settings.max_entry_bytes,
+        }
+        self.rollouts = StreamQueue(
+            runtime.client, runtime.keys, "rollouts", RolloutGroup, **common
+        )
+        self.labeled = StreamQueue(runtime.client, runtime.keys, "labeled", LabeledGroup, **common)
+        self.metrics = VerifierMetrics(runtime.registry)
+        self._last_trim = time.monotonic()
+
+    def run(self) -> None:
+        self.rt.status = "running"
+        backoff = 0.5
+        try:
+            while not self.rt.stopping:
+                try:
+                    self.step()
+                    backoff = 0.5
+                except (redis.ConnectionError, redis.TimeoutError) as exc:
+                    self.rt.error(f"redis unavailable: {exc}; retrying in {backoff:.1f}s")
+                    self.rt.sleep(backoff)
+                    backoff = min(backoff * 2, 30.0)
+        finally:
+            self.rt.status = "stopping"
+            if self.pool is not None:
+                self.pool.close()
+
+    def step(self) -> int:
+        """Read one batch, label it, commit each group; returns groups committed."""
+        deliveries = self.rollouts.read(
+            self.rt.instance, count=self.settings.groups_per_read, block_ms=self.settings.block_ms
+        )
+        self._housekeeping()
+        if not deliveries:
+            return 0
+        fresh = []
+        for d in deliveries:
+            if self.rollouts.is_done(VERIFY, d.message.group_id):
+                self.rollouts.ack(d)  # labelled by a replica that died before its ack
+                self.metrics.duplicates.inc()
+            else:
+                fresh.append(d)
+        if not fresh:
+            return 0
+        if self.rt.stopping:
+            self.rollouts.release(*fresh)
+            return 0
+        items = [
+            GradeItem(
+                completion=c.text, gold=d.message.prompt.answer, verifier=d.message.prompt.verifier
+            )
+            for d in fresh
+            for c in d.message.completions
+        ]
+        started = time.monotonic()
+        try:
+            if self.pool is None:
+                self.pool = self.pool_factory()
+            labels = self.pool.grade(items)
+        except PoolError as exc:
+            self.rt.error(f"grading pool failed: {exc}; releasing {len(fresh)} groups")
+            self.rollouts.release(*fresh)
+            if self.pool is not None:
+                self.pool.close()
+            self.pool = None
+            self.rt.sleep(1.0)
+            return 0
+        per_group = (time.monotonic() - started) / len(fresh)
+        committed = 0
+        offset = 0
+        for d in fresh:
+            n = len(d.message.completions)
+            group_labels, offset = labels[offset : offset + n], offset + n
+            committed += self._commit(d, group_labels, per_group)
+        self.rt.info.update(self.metrics.summary())
+        return committed
+
+    def _commit(self, d: Delivery[RolloutGroup], labels: list, seconds: float) -> int:
+        group = d.message
+        labeled = LabeledGroup(
+            rollout=group, labels=labels, verifier_id=self.rt.instance, verify_seconds=seconds
+        )
+        verdicts = Tally(f"verifier.verdict.{label.verdict.value}" for label in labels)
+        _, fresh = self.rollouts.commit(
+            d,
+            stage=VERIFY,
+            item=group.group_id,
+            outputs=[(self.labeled, labeled, group.group_id)],
+            counters={"verifier.groups": 1, "verifier.completions": len(labels), **verdicts},
+        )
+        if fresh:
+            self.metrics.observe(labels, seconds)
+        else:
+            self.metrics.duplicates.inc()
+        return int(fresh)
+
+    def _housekeeping(self) -> None:
+        if time.monotonic() - self._last_trim < 10.0:
+            return
+        self._last_trim = time.monotonic()
+        self.metrics.backlog.set(self.rollouts.backlog().outstanding)
+        self.rollouts.trim(keep_last=self.settings.retain_entries)
