@@ -149,6 +149,12 @@ class GeneratorSettings(CommonSettings):
         description="group: each seeded group sampled alone (a redo reproduces it exactly); "
         "batch: one call per batch (several times faster on CPU, reproducible per batch only).",
     )
+    cpu_threads: int = Field(
+        default=1,
+        ge=0,
+        description="torch intra-op threads of the hf backend on CPU (0: torch's default). "
+        "1 avoids oversubscribing cores shared with the other services.",
+    )
     backoff_s: float = Field(default=0.5, gt=0, description="First pause after engine errors.")
     backoff_max_s: float = Field(default=30.0, gt=0)
     vllm_gpu_memory_utilization: float = Field(default=0.85, gt=0.0, le=1.0)
@@ -224,7 +230,7 @@ class LearnerSettings(CommonSettings):
     )
     log_entropy: bool = True
     progress_bar: bool = Field(default=True, description="tqdm on stderr when it is a TTY.")
-    plot_every: int = Field(default=10, ge=0, description="Refresh curves.png; 0: at exit only.")
+    plot_every: int = Field(default=10, ge=0, description="Refresh curves.png; 0: no PNG.")
     eval_temperature: float = Field(default=0.6, ge=0)
     eval_top_p: float = Field(default=0.95, gt=0, le=1)
     eval_max_tokens: int | None = Field(default=None, ge=1, description="None: per eval set.")

@@ -1,0 +1,1 @@
+"""The REST API service: FastAPI app, routes, dataset feeder (see README.md)."""

@@ -1,0 +1,1 @@
+"""Datasets: field mapping, upload sources, Redis storage and the lazy feeder."""

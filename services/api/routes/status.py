@@ -1,0 +1,171 @@
+"""GET /v1/runs/current (alias /v1/status): the run at a glance.
+
+Everything here is read from Redis, so any replica answers the same. Instances whose heartbeat
+is older than three heartbeat intervals (or that said they stopped) are listed as ``gone``, not
+hidden: a crashed generator stays visible with its last error. Every string other processes wrote
+(state fields, errors, heartbeat info) passes through ``redact`` on the way out.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from typing import Annotated, Any
+
+from fastapi import Depends, Query
+
+from conspo.protocol import DecodeError, WeightAnnouncement, decode
+from services.api.auth import v1_router
+from services.api.context import AppContext, get_ctx
+from services.api.depths import all_depths
+from services.api.errors import error_responses
+from services.api.redact import MASK, is_secret_name, redact, redact_mapping
+from services.api.schemas import (
+    Curves,
+    ReplicaSummary,
+    RunStatus,
+    ServiceInstance,
+    WeightsView,
+)
+
+router = v1_router(tags=["status"])
+ALIVE_INTERVALS = 3
+SERVED_PREFIX = "served:"
+
+
+def _int(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _s(value: bytes | str) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else value
+
+
+def _counters(ctx: AppContext) -> dict[str, int]:
+    out = {}
+    for name, value in ctx.client.hgetall(ctx.keys.counters).items():
+        number = _int(value)
+        if number is not None:
+            out[_s(name)] = number
+    return out
+
+
+def _weights(ctx: AppContext) -> WeightsView:
+    view = WeightsView()
+    for raw_name, raw_value in ctx.client.hgetall(ctx.keys.weights).items():
+        name = _s(raw_name)
+        if name.startswith(SERVED_PREFIX):
+            instance = name[len(SERVED_PREFIX) :]
+            number = _int(raw_value)
+            view.served[instance] = number if number is not None else redact(_s(raw_value))[:200]
+            continue
+        number = _int(raw_value)
+        if name in ("version", "current_version") and number is not None:
+            view.current_version = number
+            continue
+        try:
+            announcement = decode(raw_value, WeightAnnouncement)
+        except DecodeError:
+            continue
+        if view.current_version is None or announcement.version > view.current_version:
+            view.current_version = announcement.version
+    return view
+
+
+def _services(ctx: AppContext) -> tuple[list[ServiceInstance], dict[str, ReplicaSummary]]:
+    now = time.time()
+    horizon = ALIVE_INTERVALS * ctx.settings.heartbeat_s
+    instances: list[ServiceInstance] = []
+    replicas: dict[str, ReplicaSummary] = {}
+    for beat in ctx.store.heartbeats():
+        age = max(0.0, now - beat.at)
+        alive = age <= horizon and beat.status not in ("stopped", "failed")
+        instances.append(
+            ServiceInstance(
+                service=beat.service,
+                instance=beat.instance,
+                host=beat.host,
+                pid=beat.pid,
+                status=beat.status,
+                alive=alive,
+                state="alive" if alive else "gone",
+                age_s=round(age, 3),
+                last_error=redact(beat.last_error) if beat.last_error else None,
+                info=redact_mapping(dict(beat.info)),
+            )
+        )
+        summary = replicas.setdefault(beat.service, ReplicaSummary(alive=0, gone=0, instances=[]))
+        summary.instances.append(beat.instance)
+        if alive:
+            summary.alive += 1
+        else:
+            summary.gone += 1
+    return instances, replicas
+
+
+def _clean_value(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no NaN; a diverged loss shows as null
+    return value
+
+
+def _series(ctx: AppContext, name: str, points: int) -> list[dict[str, Any]]:
+    """Learning-curve points (JSON objects the learner appends); garbage entries are skipped."""
+    out = []
+    for raw in ctx.client.lrange(ctx.keys.metrics_series(name), -points, -1):
+        try:
+            point = json.loads(raw)
+        except ValueError:
+            continue
+        if not isinstance(point, dict):
+            continue
+        out.append(
+            {
+                str(k): MASK if is_secret_name(str(k)) else _clean_value(v)
+                for k, v in point.items()
+                if isinstance(v, int | float | str | bool) or v is None
+            }
+        )
+    return out
+
+
+def run_status(ctx: AppContext, points: int) -> RunStatus:
+    raw_fields = ctx.client.hgetall(ctx.keys.state)
+    fields = redact_mapping({_s(k): _s(v) for k, v in raw_fields.items()})
+    curves = Curves(train=_series(ctx, "train", points), eval=_series(ctx, "eval", points))
+    services, replicas = _services(ctx)
+    return RunStatus(
+        run=ctx.settings.run,
+        status=fields.get("status", "idle"),
+        step=_int(fields.get("step")),
+        policy_version=_int(fields.get("policy_version")),
+        fields=fields,
+        counters=_counters(ctx),
+        curves=curves,
+        queues=all_depths(ctx.client, ctx.keys),
+        services=services,
+        replicas=replicas,
+        weights=_weights(ctx),
+        generated_at=time.time(),
+    )
+
+
+Points = Annotated[int, Query(ge=1, le=10_000, description="Last N points of each curve.")]
+_DOC = dict(
+    response_model=RunStatus,
+    responses=error_responses(401, 422, 503),
+)
+
+
+@router.get("/runs/current", summary="Run status, counters, curves, queues, replicas", **_DOC)
+def current_run(ctx: Annotated[AppContext, Depends(get_ctx)], points: Points = 1000) -> RunStatus:
+    return run_status(ctx, points)
+
+
+@router.get("/status", summary="Alias of /v1/runs/current", **_DOC)
+def status_alias(ctx: Annotated[AppContext, Depends(get_ctx)], points: Points = 1000) -> RunStatus:
+    return run_status(ctx, points)
