@@ -255,6 +255,9 @@ class WeightAnnouncement(Message):
     checkpoint_path: str | None = None
     num_params: int = Field(default=0, ge=0)
     num_bytes: int = Field(default=0, ge=0)
+    layout_hash: str | None = Field(
+        default=None, max_length=64, description="Hash of the (name, shape, dtype) list sent."
+    )
     created_at: float = Field(default_factory=time.time)
 
 

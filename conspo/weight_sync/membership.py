@@ -1,0 +1,134 @@
+"""Who is in the weight-sync group, what the learner announced, what each generator serves.
+
+Everything lives in the run's ``keys.weights`` hash, so one HGETALL shows the whole picture:
+
+- ``current``: the newest ``WeightAnnouncement`` (``conspo.protocol.encode``); the same bytes are
+  PUBLISHed on ``keys.weights_channel`` in one MULTI, so a subscriber that polls the hash and one
+  that listens on the channel see the same announcements in the same order.
+- ``member:<instance>``: a JSON ``MemberInfo`` refreshed every few seconds. Freshness is judged
+  against Redis' own clock (``TIME``), written by the member and read by the learner, so clock
+  skew between machines cannot evict or resurrect anybody. ``incarnation`` changes when a
+  generator restarts under the same name, which the learner treats as a membership change.
+  ``seen_at`` is the ``created_at`` of the newest announcement the member's sync loop has
+  finished processing (the learner's own clock, so comparable with the learner's values): after
+  a failed push the learner re-admits a member only once it has processed that announcement,
+  i.e. once it is demonstrably alive and out of the failed round.
+- ``served:<instance>``: the policy version that instance serves now.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import uuid
+
+import redis
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from conspo.keys import Keys
+from conspo.protocol import DecodeError, WeightAnnouncement, decode, encode
+
+logger = logging.getLogger(__name__)
+
+CURRENT_FIELD = "current"
+MEMBER_PREFIX = "member:"
+SERVED_PREFIX = "served:"
+
+
+class MemberInfo(BaseModel):
+    """One generator's registration (JSON in ``member:<instance>``)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    instance: str = Field(min_length=1, max_length=200)
+    incarnation: str = Field(default_factory=lambda: uuid.uuid4().hex[:12])
+    layout_hash: str
+    backends: list[str] = Field(default_factory=lambda: ["gloo"])
+    epoch_seen: int = -1
+    seen_at: float = 0.0
+    at: float = 0.0
+    host: str = Field(default_factory=socket.gethostname)
+    pid: int = Field(default_factory=os.getpid)
+
+
+def redis_now(client: redis.Redis) -> float:
+    seconds, micros = client.time()
+    return float(seconds) + float(micros) / 1e6
+
+
+def register_member(client: redis.Redis, keys: Keys, info: MemberInfo) -> MemberInfo:
+    """Write (or refresh) a registration, stamped with Redis' clock."""
+    stamped = info.model_copy(update={"at": redis_now(client)})
+    client.hset(keys.weights, MEMBER_PREFIX + info.instance, stamped.model_dump_json())
+    return stamped
+
+
+def deregister_member(client: redis.Redis, keys: Keys, instance: str) -> None:
+    client.hdel(keys.weights, MEMBER_PREFIX + instance)
+
+
+def read_members(client: redis.Redis, keys: Keys) -> dict[str, MemberInfo]:
+    members = {}
+    for field_name, raw in client.hgetall(keys.weights).items():
+        name = field_name.decode() if isinstance(field_name, bytes) else str(field_name)
+        if not name.startswith(MEMBER_PREFIX):
+            continue
+        try:
+            info = MemberInfo.model_validate_json(raw)
+        except (ValidationError, ValueError) as exc:
+            logger.warning("ignoring malformed weight-sync member %s: %s", name, exc)
+            continue
+        members[info.instance] = info
+    return members
+
+
+def live_members(client: redis.Redis, keys: Keys, ttl_s: float) -> dict[str, MemberInfo]:
+    """Members whose registration is younger than ``ttl_s`` by Redis' clock."""
+    now = redis_now(client)
+    return {n: m for n, m in read_members(client, keys).items() if now - m.at <= ttl_s}
+
+
+def prune_members(client: redis.Redis, keys: Keys, older_than_s: float) -> list[str]:
+    """Delete registrations older than ``older_than_s`` (members that died without closing)."""
+    now = redis_now(client)
+    stale = [n for n, m in read_members(client, keys).items() if now - m.at > older_than_s]
+    if stale:
+        client.hdel(keys.weights, *(MEMBER_PREFIX + n for n in stale))
+    return stale
+
+
+def write_announcement(client: redis.Redis, keys: Keys, announcement: WeightAnnouncement) -> None:
+    """Store the announcement as ``current`` and publish it, atomically."""
+    data = encode(announcement)
+    pipe = client.pipeline(transaction=True)
+    pipe.hset(keys.weights, CURRENT_FIELD, data)
+    pipe.publish(keys.weights_channel, data)
+    pipe.execute()
+
+
+def read_announcement(client: redis.Redis, keys: Keys) -> WeightAnnouncement | None:
+    raw = client.hget(keys.weights, CURRENT_FIELD)
+    if raw is None:
+        return None
+    try:
+        return decode(raw, WeightAnnouncement)
+    except DecodeError as exc:
+        logger.warning("ignoring undecodable weight announcement: %s", exc)
+        return None
+
+
+def report_served(client: redis.Redis, keys: Keys, instance: str, version: int) -> None:
+    client.hset(keys.weights, SERVED_PREFIX + instance, str(int(version)))
+
+
+def served_versions(client: redis.Redis, keys: Keys) -> dict[str, int]:
+    """``instance -> policy version`` it serves, for the api and the learner's staleness view."""
+    out = {}
+    for field_name, raw in client.hgetall(keys.weights).items():
+        name = field_name.decode() if isinstance(field_name, bytes) else str(field_name)
+        if name.startswith(SERVED_PREFIX):
+            try:
+                out[name.removeprefix(SERVED_PREFIX)] = int(raw)
+            except ValueError:
+                continue
+    return out
