@@ -80,6 +80,10 @@ class Keys:
         """Idempotency marker: set once when ``stage`` has committed its output for ``item``."""
         return f"{self.base}:done:{stage}:{item}"
 
+    def tally(self, stage: str) -> str:
+        """Hash item -> how many times ``stage`` committed it (anything above 1 is a duplicate)."""
+        return f"{self.base}:tally:{stage}"
+
     def idempotency(self, key: str) -> str:
         """API Idempotency-Key -> the response it produced."""
         return f"{self.base}:idem:{key}"

@@ -238,12 +238,16 @@ class StreamQueue(Generic[M]):
         return self._run_commit(delivery, stage, item, outputs, marker, counters)
 
     def mark_and_ack(self, items: Sequence[tuple[Delivery[M], str, str]], *, stage: str) -> None:
-        """For batch consumers (the learner): record ``(delivery, item, marker)`` and ack all."""
+        """For batch consumers (the learner): record ``(delivery, item, marker)`` and ack all.
+
+        Also tallies each item in ``tally:<stage>`` in the same transaction: a batch consumer that
+        ever commits an item twice (a resume bug) shows up there as a count above one."""
         if not items:
             return
         pipe = self.client.pipeline(transaction=True)
         for _, item, marker in items:
             pipe.set(self.keys.done(stage, item), marker, ex=self.done_ttl_s)
+            pipe.hincrby(self.keys.tally(stage), item, 1)
         pipe.xack(self.key, self.group, *[d.entry_id for d, _, _ in items])
         pipe.hdel(self.keys.failures, *[d.entry_id for d, _, _ in items])
         pipe.execute()

@@ -219,3 +219,14 @@ def test_read_without_blocking_returns_immediately(redis_client, keys, bad):
     t = time.monotonic()
     assert src.read("c", count=1, block_ms=bad) == []
     assert time.monotonic() - t < 0.5
+
+
+def test_mark_and_ack_records_markers_and_tallies(redis_client, keys):
+    src, _ = queues(redis_client, keys)
+    src.publish_many([(prompt(i), f"g-{i}") for i in range(3)])
+    got = src.read("learner", count=3, block_ms=10)
+    src.mark_and_ack([(d, d.key, "trained:1") for d in got], stage="learn")
+    assert src.backlog().outstanding == 0
+    assert redis_client.get(keys.done("learn", "g-1")) == b"trained:1"
+    src.mark_and_ack([(got[0], got[0].key, "trained:2")], stage="learn")  # a duplicate commit
+    assert redis_client.hgetall(keys.tally("learn")) == {b"g-0": b"2", b"g-1": b"1", b"g-2": b"1"}

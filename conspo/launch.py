@@ -1,0 +1,385 @@
+"""Run the whole pipeline as local processes: api, generators, verifiers and the learner.
+
+The embedded demo, the end-to-end and chaos tests and the pipeline benchmarks all need the same
+thing: start every service as a real subprocess (``python -m conspo.cli <service>``) with its
+settings in environment variables, exactly as a container would, then watch the run through the
+REST API and Redis. ``LocalStack`` is that, and nothing more: it owns process lifecycles, log
+files and the final accounting of where every submitted prompt ended up.
+
+Accounting reads the idempotency markers (``conspo.lineage``), not counters, because markers are
+written once per item even when a stage is killed and redone, while counters may count a replayed
+step twice. Every submitted prompt is either generated, still queued, or dead-lettered; every
+generated group is labelled, queued or dead; every labelled group is trained, skipped, dropped,
+queued or dead. What is left over is *lost* and must be zero.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import redis
+from pydantic import BaseModel, ConfigDict, Field
+
+from conspo.keys import Keys
+from conspo.lineage import GENERATE, LEARN, VERIFY, parse_learn_marker
+from conspo.protocol import DeadLetter, DecodeError, Prompt, decode
+from conspo.queue import StreamQueue
+from conspo.redis_conn import free_port
+from conspo.testing import delete_run
+
+log = logging.getLogger(__name__)
+SERVICES = ("api", "generator", "verifier", "learner")
+
+
+class StackConfig(BaseModel):
+    """What differs between runs of the local stack; everything else is a service default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    run: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    out_dir: Path
+    redis_url: str
+    model_path: Path
+    objective: str = "conspo"
+    steps: int = Field(default=100, ge=1)
+    batch_groups: int = Field(default=32, ge=1)
+    group_size: int = Field(default=8, ge=1)
+    generators: int = Field(default=1, ge=1)
+    verifiers: int = Field(default=2, ge=1)
+    max_staleness: int = Field(default=1, ge=0)
+    seed: int = 0
+    lr: float = 1e-4
+    temperature: float = 1.0
+    max_tokens: int = 8
+    eval_every: int = 0
+    eval_samples: int = 200
+    checkpoint_every: int = 10
+    threads: int = Field(default=1, ge=1, description="torch threads per generator / learner")
+    log_level: str = "INFO"
+    env: dict[str, dict[str, str]] = Field(
+        default_factory=dict, description="Extra env per service name (or 'all')."
+    )
+
+
+class Proc:
+    """One service process and where its output goes."""
+
+    def __init__(self, service: str, index: int, argv: list[str], env: dict[str, str], log: Path):
+        self.service, self.index, self.argv, self.env, self.log = service, index, argv, env, log
+        self.popen: subprocess.Popen | None = None
+        self.starts = 0
+
+    @property
+    def name(self) -> str:
+        return f"{self.service}-{self.index}"
+
+    def start(self) -> None:
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "ab") as out:
+            self.popen = subprocess.Popen(
+                self.argv,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.starts += 1
+
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            assert self.popen is not None
+            self.popen.send_signal(sig)
+
+    def stop(self, timeout: float) -> int | None:
+        if self.popen is None:
+            return None
+        self.signal(signal.SIGTERM)
+        try:
+            return self.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            log.warning("%s did not stop in %.0fs: killing it", self.name, timeout)
+            self.popen.kill()
+            return self.popen.wait()
+
+
+class LocalStack:
+    def __init__(self, config: StackConfig) -> None:
+        self.cfg = config
+        self.keys = Keys(run=config.run)
+        self.client = redis.Redis.from_url(config.redis_url)
+        self.token = secrets.token_urlsafe(24)
+        self.api_port = free_port()
+        self.procs: list[Proc] = []
+        self.started_at = 0.0
+
+    # -- configuration ---------------------------------------------------------------------------
+    def env_for(self, service: str) -> dict[str, str]:
+        c = self.cfg
+        threads = str(c.threads)
+        base = {
+            "CONSPO_RUN": c.run,
+            "CONSPO_REDIS_URL": c.redis_url,
+            "CONSPO_DATA_DIR": str(c.out_dir),
+            "CONSPO_LOG_LEVEL": c.log_level,
+            "CONSPO_HEARTBEAT_S": "1",
+            "PYTHONUNBUFFERED": "1",
+            # One thread per process: the services already run in parallel with each other.
+            "OMP_NUM_THREADS": threads,
+            "MKL_NUM_THREADS": threads,
+            "TOKENIZERS_PARALLELISM": "false",
+        }
+        per: dict[str, dict[str, Any]] = {
+            "api": {
+                "CONSPO_HOST": "127.0.0.1",
+                "CONSPO_PORT": self.api_port,
+                "CONSPO_API_TOKEN": self.token,
+                "CONSPO_FEED_MAX_BACKLOG": max(2 * c.batch_groups, 8),
+            },
+            "generator": {
+                "CONSPO_BACKEND": "hf",
+                "CONSPO_MODEL_PATH": c.model_path,
+                "CONSPO_GROUP_SIZE": c.group_size,
+                "CONSPO_TEMPERATURE": c.temperature,
+                "CONSPO_MAX_TOKENS": c.max_tokens,
+                "CONSPO_SEED": c.seed,
+                "CONSPO_MAX_STALENESS": c.max_staleness,
+                "CONSPO_BATCH_GROUPS": c.batch_groups,
+                "CONSPO_PROMPTS_PER_BATCH": min(c.batch_groups, 32),
+                "CONSPO_HF_SEED_MODE": "batch",
+                "CONSPO_POLL_MS": 100,
+                "CONSPO_WEIGHT_SYNC_BACKEND": "gloo",
+            },
+            "verifier": {"CONSPO_PROCESSES": 1, "CONSPO_BLOCK_MS": 200, "CONSPO_TIMEOUT_S": 5},
+            "learner": {
+                "CONSPO_MODEL_PATH": c.model_path,
+                "CONSPO_OBJECTIVE": c.objective,
+                "CONSPO_TOTAL_STEPS": c.steps,
+                "CONSPO_BATCH_GROUPS": c.batch_groups,
+                "CONSPO_MAX_STALENESS": c.max_staleness,
+                "CONSPO_LR": c.lr,
+                "CONSPO_SEED": c.seed,
+                "CONSPO_CHECKPOINT_EVERY": c.checkpoint_every,
+                "CONSPO_EVAL_EVERY": c.eval_every,
+                "CONSPO_EVAL_SAMPLES": c.eval_samples,
+                "CONSPO_NUM_THREADS": c.threads,
+                "CONSPO_PROGRESS_BAR": "false",
+                "CONSPO_WEIGHT_SYNC_BACKEND": "gloo",
+                "CONSPO_WEIGHT_SYNC_TIMEOUT_S": 30,
+                "CONSPO_BLOCK_MS": 200,
+            },
+        }
+        env = {**os.environ, **base, **{k: str(v) for k, v in per[service].items()}}
+        env.update(c.env.get("all", {}))
+        env.update(c.env.get(service, {}))
+        return env
+
+    def _add(self, service: str, index: int) -> Proc:
+        argv = [sys.executable, "-m", "conspo.cli", service]
+        log_path = self.cfg.out_dir / "logs" / f"{service}-{index}.log"
+        proc = Proc(service, index, argv, self.env_for(service), log_path)
+        self.procs.append(proc)
+        return proc
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def start(self, *, fresh: bool = True, ready_timeout: float = 120.0) -> None:
+        """Start every service; with ``fresh`` the run's Redis keys are wiped first."""
+        self.cfg.out_dir.mkdir(parents=True, exist_ok=True)
+        if fresh:
+            delete_run(self.client, self.cfg.run)
+        self.started_at = time.monotonic()
+        self._add("api", 0).start()
+        self._add("learner", 0).start()
+        for i in range(self.cfg.verifiers):
+            self._add("verifier", i).start()
+        for i in range(self.cfg.generators):
+            self._add("generator", i).start()
+        self.wait_ready(ready_timeout)
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.check_alive()
+            with contextlib.suppress(httpx.HTTPError):
+                if self.http().get("/readyz").status_code == 200:
+                    return
+            time.sleep(0.25)
+        raise TimeoutError(f"the api did not become ready in {timeout:.0f}s (see {self.log_dir})")
+
+    @property
+    def log_dir(self) -> Path:
+        return self.cfg.out_dir / "logs"
+
+    def find(self, service: str, index: int = 0) -> Proc:
+        for p in self.procs:
+            if p.service == service and p.index == index:
+                return p
+        raise KeyError(f"{service}-{index}")
+
+    def check_alive(self, allow: Callable[[Proc], bool] | None = None) -> None:
+        """Raise if a service exited on its own (the learner may finish)."""
+        for p in self.procs:
+            if p.popen is None or p.alive():
+                continue
+            if p.service == "learner" and p.popen.returncode == 0:
+                continue
+            if allow is not None and allow(p):
+                continue
+            raise RuntimeError(
+                f"{p.name} exited with code {p.popen.returncode}; last lines of {p.log}:\n"
+                + tail(p.log)
+            )
+
+    def kill(self, service: str, index: int = 0, sig: int = signal.SIGKILL) -> None:
+        proc = self.find(service, index)
+        proc.signal(sig)
+        if sig == signal.SIGKILL and proc.popen is not None:
+            proc.popen.wait(timeout=30)
+
+    def restart(self, service: str, index: int = 0) -> None:
+        proc = self.find(service, index)
+        if proc.alive():
+            proc.stop(timeout=60)
+        proc.start()
+
+    def stop(self, timeout: float = 60.0) -> dict[str, int | None]:
+        """SIGTERM everyone (generators first, api last), then SIGKILL stragglers."""
+        order = {"generator": 0, "verifier": 1, "learner": 2, "api": 3}
+        codes = {}
+        for p in sorted(self.procs, key=lambda p: order[p.service]):
+            codes[p.name] = p.stop(timeout)
+        self.client.close()
+        return codes
+
+    def __enter__(self) -> LocalStack:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- talking to the run ----------------------------------------------------------------------
+    def http(self, timeout: float = 30.0) -> httpx.Client:
+        return httpx.Client(
+            base_url=f"http://127.0.0.1:{self.api_port}",
+            headers={"Authorization": f"Bearer {self.token}"},
+            timeout=timeout,
+        )
+
+    def submit_dataset(self, rows: list[dict[str, Any]], *, epochs: int, name: str) -> dict:
+        body = {
+            "name": name,
+            "rows": rows,
+            "prompt_field": "prompt",
+            "answer_field": "answer",
+            "verifier": "arith",
+            "epochs": epochs,
+            "seed": self.cfg.seed,
+            "shuffle": True,
+        }
+        with self.http(timeout=120) as client:
+            response = client.post("/v1/datasets", json=body)
+        if response.status_code >= 300:
+            raise RuntimeError(f"dataset submission failed: {response.status_code} {response.text}")
+        return response.json()
+
+    def status(self) -> dict[str, Any]:
+        with self.http() as client:
+            response = client.get("/v1/status")
+        response.raise_for_status()
+        return response.json()
+
+    def learner_finished(self) -> bool:
+        return self.client.hget(self.keys.state, "status") == b"finished"
+
+    def wait_finished(
+        self,
+        timeout: float,
+        on_tick: Callable[[dict[str, Any]], None] | None = None,
+        allow: Callable[[Proc], bool] | None = None,
+        every: float = 1.0,
+    ) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.learner_finished():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the run did not finish in {timeout:.0f}s (see {self.log_dir})")
+            self.check_alive(allow)
+            if on_tick is not None:
+                with contextlib.suppress(httpx.HTTPError):
+                    on_tick(self.status())
+            time.sleep(every)
+
+    # -- where every prompt went -----------------------------------------------------------------
+    def accounting(self) -> dict[str, int]:
+        """Counts per fate, from idempotency markers and stream state; ``lost`` must be 0."""
+        c = self.client
+        learn = Counter()
+        for key in c.scan_iter(match=self.keys.done(LEARN, "*"), count=1000):
+            value = c.get(key)
+            if value is not None:
+                learn[parse_learn_marker(value.decode())[0]] += 1
+        generated = sum(1 for _ in c.scan_iter(match=self.keys.done(GENERATE, "*"), count=1000))
+        labelled = sum(1 for _ in c.scan_iter(match=self.keys.done(VERIFY, "*"), count=1000))
+        dead = Counter()
+        for _, fields in c.xrange(self.keys.dead):
+            try:
+                dead[decode(fields[b"d"], DeadLetter).source] += 1
+            except DecodeError:
+                dead["undecodable"] += 1
+        queued = {}
+        for name in ("prompts", "rollouts", "labeled"):
+            if c.exists(self.keys.stream(name)):
+                queued[name] = StreamQueue(c, self.keys, name, Prompt).backlog().outstanding
+            else:
+                queued[name] = 0
+        counters = {k.decode(): int(v) for k, v in c.hgetall(self.keys.counters).items()}
+        submitted = counters.get("api.prompts_accepted", 0) + counters.get("api.prompts_fed", 0)
+        out = {
+            "submitted": submitted,
+            "generated": generated,
+            "labelled": labelled,
+            "trained": learn["trained"],
+            "skipped": learn["skipped"],
+            "dropped": learn["dropped"],
+            "dead": sum(dead.values()),
+            "queued_prompts": queued["prompts"],
+            "queued_rollouts": queued["rollouts"],
+            "queued_labeled": queued["labeled"],
+        }
+        out["lost"] = (
+            (submitted - generated - dead["prompts"] - queued["prompts"])
+            + (generated - labelled - dead["rollouts"] - queued["rollouts"])
+            + (labelled - sum(learn.values()) - dead["labeled"] - queued["labeled"])
+        )
+        out["duplicated"] = sum(int(n) > 1 for n in c.hvals(self.keys.tally(LEARN)))
+        return out
+
+
+def tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "<no log>"
+
+
+@contextlib.contextmanager
+def local_stack(config: StackConfig, **start: Any) -> Iterator[LocalStack]:
+    stack = LocalStack(config)
+    try:
+        stack.start(**start)
+        yield stack
+    finally:
+        stack.stop()
