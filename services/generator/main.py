@@ -1,0 +1,78 @@
+"""``conspo generator``: one generator process (one GPU, or the CPU with the ``hf`` backend).
+
+Start-up order matters: settings are validated first (a bad config exits with code 2 before
+anything heavy happens), the heartbeat starts before the engine loads (a slow vLLM start shows
+as "starting", not as a dead instance), the late-join checkpoint is loaded before the weight
+subscriber registers (so the first request is sampled with the newest weights the learner has
+written), and only then does the loop pull prompts.
+
+Exit codes: 0 after SIGTERM/SIGINT (the batch in flight is finished and published, prompts read
+but not started are released, the flow lease and the weight-sync membership are dropped);
+1 when the engine died (its prompts are released for other generators).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from conspo.service import ServiceRuntime
+from conspo.settings import GeneratorSettings, load
+from services.generator.backends import BackendDeadError, build_backend
+from services.generator.loop import GeneratorLoop
+from services.generator.metrics import GeneratorMetrics
+from services.generator.weights import initial_load, start_weight_sync
+
+log = logging.getLogger(__name__)
+
+
+def main(args: argparse.Namespace | None = None) -> int:
+    settings = load(GeneratorSettings)
+    runtime = ServiceRuntime(settings, "generator")
+    runtime.install_signal_handlers()
+    try:
+        with runtime:
+            run(runtime, settings)
+    except BackendDeadError as exc:
+        log.error("generator %s: engine died: %s", runtime.instance, exc)
+        return 1
+    return 0
+
+
+def run(runtime: ServiceRuntime, settings: GeneratorSettings) -> None:
+    """Build the engine, catch up with the learner, serve until asked to stop."""
+    runtime.info.update({"backend": settings.backend})
+    backend = build_backend(settings)
+    weights = None
+    try:
+        try:
+            runtime.info.update(backend.device_info())
+        except Exception as exc:  # informational only
+            log.warning("could not describe the engine's device: %s", exc)
+        if runtime.stopping:
+            return
+        served = initial_load(runtime.client, runtime.keys, backend, loaded_version=0)
+        weights = start_weight_sync(runtime, settings, backend)
+        weights.report_served(served)
+        loop = GeneratorLoop(
+            runtime,
+            settings,
+            backend,
+            weights=weights,
+            metrics=GeneratorMetrics(runtime.registry),
+            served_version=served,
+        )
+        log.info(
+            "generator %s ready: backend %s, serving v%d, G=%d, batch %d prompts",
+            runtime.instance,
+            settings.backend,
+            served,
+            settings.group_size,
+            settings.prompts_per_batch,
+        )
+        loop.run()
+    finally:
+        if weights is not None:
+            weights.close()
+        backend.close()
+        log.info("generator %s stopped", runtime.instance)

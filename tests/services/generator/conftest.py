@@ -1,0 +1,135 @@
+"""Fixtures of the generator tests: the bundled tiny model, one shared ``hf`` engine, and a
+generator loop running in a thread against the test's Redis namespace.
+
+The engine is session-scoped (loading it is the slow part); tests that change its weights
+restore them (``pristine_weights``). Loops run in a daemon thread with a short poll, and are
+stopped through the runtime's stop flag, exactly as SIGTERM would.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from conspo.models import default_checkpoint
+from conspo.protocol import RolloutGroup, decode
+from conspo.service import ServiceRuntime
+from conspo.settings import GeneratorSettings, load
+from services.generator.backends.hf import HFBackend
+from services.generator.loop import GeneratorLoop
+
+
+@pytest.fixture(scope="session")
+def tiny_path() -> Path:
+    return Path(default_checkpoint())
+
+
+@pytest.fixture(scope="session")
+def hf_backend(tiny_path: Path) -> Iterator[HFBackend]:
+    backend = HFBackend.from_path(tiny_path, device="cpu")
+    yield backend
+    backend.close()
+
+
+@pytest.fixture
+def pristine_weights(hf_backend: HFBackend) -> Iterator[HFBackend]:
+    """The shared engine, with its weights restored after the test."""
+    saved = {k: v.detach().clone() for k, v in hf_backend.model.state_dict().items()}
+    yield hf_backend
+    hf_backend.load_weights(saved.items())
+
+
+def perturbed_copy(model: torch.nn.Module, scale: float = 0.05, seed: int = 1) -> dict:
+    """New weights that change the policy visibly (what a learner step would push)."""
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        name: (p.detach() + scale * torch.randn(p.shape, generator=gen, dtype=p.dtype)).clone()
+        for name, p in model.named_parameters()
+    }
+
+
+def generator_settings(redis_url: str, run_name: str, **overrides: Any) -> GeneratorSettings:
+    base = {
+        "redis_url": redis_url,
+        "run": run_name,
+        "group_size": 4,
+        "max_tokens": 8,
+        "prompts_per_batch": 4,
+        "poll_ms": 50,
+        "heartbeat_s": 0.5,
+        "backoff_s": 0.05,
+        "backoff_max_s": 0.2,
+        "seed": 7,
+    }
+    base.update(overrides)
+    return load(GeneratorSettings, **base)
+
+
+@pytest.fixture
+def settings_for(redis_url: str, run_name: str) -> Callable[..., GeneratorSettings]:
+    """``settings_for(**overrides)``: generator settings for this test's run namespace."""
+    return lambda **overrides: generator_settings(redis_url, run_name, **overrides)
+
+
+class RunningLoop:
+    def __init__(self, loop: GeneratorLoop, runtime: ServiceRuntime, thread: threading.Thread):
+        self.loop = loop
+        self.runtime = runtime
+        self.thread = thread
+        self.error: BaseException | None = None
+
+
+@pytest.fixture
+def run_loop(redis_url: str, run_name: str) -> Iterator[Callable[..., Any]]:
+    """``run_loop(backend, **settings)``: a context manager running a generator loop."""
+    started: list[RunningLoop] = []
+
+    @contextmanager
+    def start(backend: Any, **overrides: Any) -> Iterator[RunningLoop]:
+        served_version = overrides.pop("served_version", 0)
+        settings = generator_settings(redis_url, run_name, **overrides)
+        runtime = ServiceRuntime(settings, "generator")
+        loop = GeneratorLoop(runtime, settings, backend, served_version=served_version)
+        holder = RunningLoop(loop, runtime, threading.Thread(target=lambda: None))
+
+        def body() -> None:
+            try:
+                loop.run()
+            except BaseException as exc:  # surfaced by the test
+                holder.error = exc
+
+        holder.thread = threading.Thread(target=body, name="generator-loop", daemon=True)
+        started.append(holder)
+        holder.thread.start()
+        try:
+            yield holder
+        finally:
+            runtime.request_stop()
+            holder.thread.join(timeout=60)
+            runtime.client.close()
+        assert not holder.thread.is_alive(), "the loop did not stop"
+        if holder.error is not None:
+            raise holder.error
+
+    yield start
+    for holder in started:
+        holder.runtime.request_stop()
+
+
+def rollouts_of(redis_client: Any, keys: Any) -> list[tuple[str, RolloutGroup]]:
+    """Every rollout entry of the run, decoded: (stream entry id, group)."""
+    out = []
+    for entry_id, fields in redis_client.xrange(keys.rollouts):
+        out.append((entry_id.decode(), decode(fields[b"d"], RolloutGroup)))
+    return out
+
+
+@pytest.fixture
+def read_rollouts(redis_client: Any, keys: Any) -> Callable[[], list[tuple[str, RolloutGroup]]]:
+    return lambda: rollouts_of(redis_client, keys)
