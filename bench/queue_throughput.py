@@ -80,8 +80,9 @@ def bench_raw_cycle(client: redis.Redis, key: str, data: bytes, n: int, batch: i
     return rate(n, time.perf_counter() - t)
 
 
-def bench_conspo(client: redis.Redis, run: str, groups: list[RolloutGroup], batch: int,
-                 commit: bool) -> float:  # fmt: skip
+def bench_conspo(
+    client: redis.Redis, run: str, groups: list[RolloutGroup], batch: int, commit: bool
+) -> float:
     keys = Keys(run=run)
     q = StreamQueue(client, keys, "rollouts", RolloutGroup)
     out = StreamQueue(client, keys, "labeled", Prompt)
@@ -109,10 +110,29 @@ def bench_redis_benchmark(url: str, size: int, n: int) -> float | None:
     payload = "x" * size
     key = f"bench:{uuid.uuid4().hex}"
     proc = subprocess.run(
-        [binary, "-h", parsed.get("host", "127.0.0.1"), "-p", str(parsed.get("port", 6379)),
-         "-c", "1", "-n", str(n), "-q", "--csv", "XADD", key, "*", "d", payload],
-        capture_output=True, text=True, timeout=300, check=False,
-    )  # fmt: skip
+        [
+            binary,
+            "-h",
+            parsed.get("host", "127.0.0.1"),
+            "-p",
+            str(parsed.get("port", 6379)),
+            "-c",
+            "1",
+            "-n",
+            str(n),
+            "-q",
+            "--csv",
+            "XADD",
+            key,
+            "*",
+            "d",
+            payload,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     redis.Redis.from_url(url).delete(key)
     for line in proc.stdout.splitlines():
         parts = [p.strip('"') for p in line.split(",")]
@@ -164,18 +184,29 @@ def main() -> None:
             delete_run(client, run)
             client.delete(raw_key)
     base = results["raw XADD"]
-    rows = [[name, f"{v:,.0f}", f"{v * len(data) / 1e6:,.1f}", f"{v / base:.2f}"]
-            for name, v in results.items()]  # fmt: skip
+    rows = [
+        [name, f"{v:,.0f}", f"{v * len(data) / 1e6:,.1f}", f"{v / base:.2f}"]
+        for name, v in results.items()
+    ]
     print(f"machine: {describe(info)}")
     print(f"group: G=8 x 1,024 tokens, {len(data):,} bytes encoded, {n} groups\n")
     print(table(rows, ["path", "groups/s", "MB/s", "ratio vs raw XADD"]))
     ours = results["conspo publish/read/ack"]
-    print(f"\nsummary: conspo publish->read->ack {ours:,.0f} groups/s = "
-          f"{ours / base:.2f}x raw XADD of the same bytes")  # fmt: skip
-    path = write_json(args.json, "queue_throughput", {
-        "machine": info, "bytes_per_group": len(data), "groups": n, "groups_per_s": results,
-        "ratio_vs_raw_xadd": {k: v / base for k, v in results.items()},
-    })  # fmt: skip
+    print(
+        f"\nsummary: conspo publish->read->ack {ours:,.0f} groups/s = "
+        f"{ours / base:.2f}x raw XADD of the same bytes"
+    )
+    path = write_json(
+        args.json,
+        "queue_throughput",
+        {
+            "machine": info,
+            "bytes_per_group": len(data),
+            "groups": n,
+            "groups_per_s": results,
+            "ratio_vs_raw_xadd": {k: v / base for k, v in results.items()},
+        },
+    )
     print(f"raw numbers: {path}")
 
 

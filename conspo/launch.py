@@ -162,6 +162,7 @@ class LocalStack:
                 "CONSPO_PROMPTS_PER_BATCH": min(c.batch_groups, 32),
                 "CONSPO_HF_SEED_MODE": "batch",
                 "CONSPO_POLL_MS": 100,
+                "CONSPO_CPU_THREADS": c.threads,
                 "CONSPO_WEIGHT_SYNC_BACKEND": "gloo",
             },
             "verifier": {"CONSPO_PROCESSES": 1, "CONSPO_BLOCK_MS": 200, "CONSPO_TIMEOUT_S": 5},

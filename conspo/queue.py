@@ -42,9 +42,9 @@ from conspo.protocol import (
 log = logging.getLogger(__name__)
 
 _COMMIT = """
--- KEYS[1] input stream, KEYS[2] done marker, KEYS[3] counters hash, KEYS[4..] output streams.
--- ARGV: group, entry id ('' = nothing to ack), ttl seconds, marker value, number of counters,
--- then (counter, increment) pairs, then one (k, d) pair per output stream.
+-- KEYS[1] input stream, KEYS[2] done marker, KEYS[3] counters hash, KEYS[4] failures hash,
+-- KEYS[5..] output streams. ARGV: group, entry id ('' = nothing to ack), ttl seconds, marker
+-- value, number of counters, then (counter, increment) pairs, then one (k, d) pair per output.
 local fresh = redis.call('SET', KEYS[2], ARGV[4], 'NX', 'EX', ARGV[3])
 local first = ''
 local nc = tonumber(ARGV[5])
@@ -52,8 +52,8 @@ if fresh then
   for c = 0, nc - 1 do
     redis.call('HINCRBY', KEYS[3], ARGV[6 + 2 * c], ARGV[7 + 2 * c])
   end
-  for i = 4, #KEYS do
-    local a = 6 + 2 * nc + 2 * (i - 4)
+  for i = 5, #KEYS do
+    local a = 6 + 2 * nc + 2 * (i - 5)
     local id = redis.call('XADD', KEYS[i], '*', 'k', ARGV[a], 'd', ARGV[a + 1])
     if first == '' then first = id end
   end
@@ -61,7 +61,10 @@ if fresh then
 else
   first = redis.call('GET', KEYS[2]) or ''
 end
-if ARGV[2] ~= '' then redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) end
+if ARGV[2] ~= '' then
+  redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+  redis.call('HDEL', KEYS[4], ARGV[2])
+end
 return {fresh and 1 or 0, first}
 """
 
@@ -101,6 +104,18 @@ class Backlog:
     @property
     def outstanding(self) -> int:
         return self.pending + self.lag
+
+
+@dataclass(frozen=True)
+class Commit:
+    """One stage's output for one item (see ``StreamQueue.commit``)."""
+
+    delivery: Delivery | None
+    stage: str
+    item: str
+    outputs: Sequence[tuple[StreamQueue, Message, str]] = ()
+    marker: str = ""
+    counters: dict[str, int] | None = None
 
 
 def _s(value: bytes | str) -> str:
@@ -237,6 +252,17 @@ class StreamQueue(Generic[M]):
         stored marker, was it new)."""
         return self._run_commit(delivery, stage, item, outputs, marker, counters)
 
+    def commit_many(self, commits: Sequence[Commit]) -> list[tuple[str, bool]]:
+        """Several commits in one round trip. Each stays atomic on its own: a consumer killed
+        mid-pipeline leaves some committed and the rest to be reclaimed, as with ``commit``."""
+        if not commits:
+            return []
+        pipe = self.client.pipeline(transaction=False)
+        for c in commits:
+            keys, args = self._commit_call(c)
+            self._commit(keys=keys, args=args, client=pipe)
+        return [(_s(first), bool(fresh)) for fresh, first in pipe.execute()]
+
     def mark_and_ack(self, items: Sequence[tuple[Delivery[M], str, str]], *, stage: str) -> None:
         """For batch consumers (the learner): record ``(delivery, item, marker)`` and ack all.
 
@@ -364,25 +390,27 @@ class StreamQueue(Generic[M]):
         marker: str = "",
         counters: dict[str, int] | None = None,
     ) -> tuple[str, bool]:
-        counters = counters or {}
+        keys, args = self._commit_call(Commit(delivery, stage, item, outputs, marker, counters))
+        fresh, first = self._commit(keys=keys, args=args)
+        return _s(first), bool(fresh)
+
+    def _commit_call(self, c: Commit) -> tuple[list[str], list[str | bytes | int]]:
+        counters = c.counters or {}
         args: list[str | bytes | int] = [
             self.group,
-            delivery.entry_id if delivery else "",
+            c.delivery.entry_id if c.delivery else "",
             self.done_ttl_s,
-            marker,
+            c.marker,
             len(counters),
         ]
         for name, n in counters.items():
             args.extend([name, int(n)])
-        keys = [self.key, self.keys.done(stage, item), self.keys.counters]
-        for queue, message, key in outputs:
+        keys = [self.key, self.keys.done(c.stage, c.item), self.keys.counters, self.keys.failures]
+        for queue, message, key in c.outputs:
             queue.ensure_group()
             keys.append(queue.key)
             args.extend([key, encode(message, max_bytes=queue.max_entry_bytes)])
-        fresh, first = self._commit(keys=keys, args=args)
-        if delivery is not None:
-            self.client.hdel(self.keys.failures, delivery.entry_id)
-        return _s(first), bool(fresh)
+        return keys, args
 
     def _reclaim(self, consumer: str, count: int) -> list[Delivery[M]]:
         reply = self.client.xautoclaim(

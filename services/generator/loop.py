@@ -43,7 +43,7 @@ from conspo.protocol import (
     RolloutGroup,
     SamplingParams,
 )
-from conspo.queue import Delivery, StreamQueue
+from conspo.queue import Commit, Delivery, StreamQueue
 from conspo.service import ServiceRuntime
 from conspo.settings import GeneratorSettings
 from services.generator.backends.base import (
@@ -312,6 +312,8 @@ class GeneratorLoop:
         if len(groups) != len(jobs):
             raise BackendError(f"engine returned {len(groups)} groups for {len(jobs)} prompts")
         published = completions = tokens = 0
+        commits: list[Commit] = []
+        sizes: list[tuple[int, int]] = []
         for job, completions_of in zip(jobs, groups, strict=True):
             d = job.delivery
             group = RolloutGroup(
@@ -325,8 +327,8 @@ class GeneratorLoop:
                 gen_seconds=seconds,
             )
             n_tokens = sum(len(c.token_ids) for c in completions_of)
-            try:
-                _, fresh = self.prompts.commit(
+            commits.append(
+                Commit(
                     d,
                     stage=GENERATE,
                     item=d.entry_id,
@@ -337,16 +339,23 @@ class GeneratorLoop:
                         "generator.tokens": n_tokens,
                     },
                 )
-            except MessageTooLargeError as exc:
-                self._dead_letter(d, f"rollout group too large to publish: {exc}")
+            )
+            sizes.append((len(completions_of), n_tokens))
+        # One round trip for the batch; each commit stays atomic on its own.
+        try:
+            results = self.prompts.commit_many(commits)
+        except MessageTooLargeError:
+            results = [self._commit_alone(c) for c in commits]
+        for c, (n_completions, n_tokens), result in zip(commits, sizes, results, strict=True):
+            if result is None:
                 continue
-            if fresh:
+            if result[1]:
                 published += 1
-                completions += len(completions_of)
+                completions += n_completions
                 tokens += n_tokens
             else:
                 self.metrics.skipped.inc()
-                log.info("group %s was published by someone else first", group.group_id)
+                log.info("group for prompt %s was published by someone else first", c.item)
         self.metrics.batch(
             prompts=len(jobs),
             capacity=capacity,
@@ -357,6 +366,14 @@ class GeneratorLoop:
         )
         log.debug("published %d groups, %d tokens in %.3fs", published, tokens, seconds)
         return published
+
+    def _commit_alone(self, c: Commit) -> tuple[str, bool] | None:
+        try:
+            return self.prompts.commit_many([c])[0]
+        except MessageTooLargeError as exc:
+            assert c.delivery is not None
+            self._dead_letter(c.delivery, f"rollout group too large to publish: {exc}")
+            return None
 
     def _recover(self, jobs: list[_Job], exc: Exception) -> int:
         """A batch failed: isolate the culprit(s) by retrying each prompt alone, once."""

@@ -20,7 +20,7 @@ import redis
 
 from conspo.lineage import VERIFY
 from conspo.protocol import LabeledGroup, RolloutGroup
-from conspo.queue import Delivery, StreamQueue
+from conspo.queue import Commit, StreamQueue
 from conspo.service import ServiceRuntime
 from conspo.settings import VerifierSettings
 from services.verifier.config import GradeConfig, GradeItem
@@ -131,33 +131,37 @@ class VerifierWorker:
             self.rt.sleep(1.0)
             return 0
         per_group = (time.monotonic() - started) / len(fresh)
-        committed = 0
+        commits: list[Commit] = []
         offset = 0
         for d in fresh:
             n = len(d.message.completions)
             group_labels, offset = labels[offset : offset + n], offset + n
-            committed += self._commit(d, group_labels, per_group)
+            labeled = LabeledGroup(
+                rollout=d.message,
+                labels=group_labels,
+                verifier_id=self.rt.instance,
+                verify_seconds=per_group,
+            )
+            verdicts = Tally(f"verifier.verdict.{label.verdict.value}" for label in group_labels)
+            commits.append(
+                Commit(
+                    d,
+                    stage=VERIFY,
+                    item=d.message.group_id,
+                    outputs=[(self.labeled, labeled, d.message.group_id)],
+                    counters={"verifier.groups": 1, "verifier.completions": n, **verdicts},
+                )
+            )
+        # One round trip for the batch; each group's commit is still atomic on its own.
+        committed = 0
+        for c, (_, fresh_commit) in zip(commits, self.rollouts.commit_many(commits), strict=True):
+            if fresh_commit:
+                committed += 1
+                self.metrics.observe(c.outputs[0][1].labels, per_group)
+            else:
+                self.metrics.duplicates.inc()
         self.rt.info.update(self.metrics.summary())
         return committed
-
-    def _commit(self, d: Delivery[RolloutGroup], labels: list, seconds: float) -> int:
-        group = d.message
-        labeled = LabeledGroup(
-            rollout=group, labels=labels, verifier_id=self.rt.instance, verify_seconds=seconds
-        )
-        verdicts = Tally(f"verifier.verdict.{label.verdict.value}" for label in labels)
-        _, fresh = self.rollouts.commit(
-            d,
-            stage=VERIFY,
-            item=group.group_id,
-            outputs=[(self.labeled, labeled, group.group_id)],
-            counters={"verifier.groups": 1, "verifier.completions": len(labels), **verdicts},
-        )
-        if fresh:
-            self.metrics.observe(labels, seconds)
-        else:
-            self.metrics.duplicates.inc()
-        return int(fresh)
 
     def _housekeeping(self) -> None:
         if time.monotonic() - self._last_trim < 10.0:

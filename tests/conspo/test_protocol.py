@@ -56,8 +56,10 @@ def make_group(g: int = 8, t: int = 1024) -> RolloutGroup:
 
 def all_messages() -> list:
     group = make_group(4, 16)
-    labels = [Label(reward=float(i % 2), verdict=Verdict.CORRECT if i % 2 else Verdict.WRONG)
-              for i in range(4)]  # fmt: skip
+    labels = [
+        Label(reward=float(i % 2), verdict=Verdict.CORRECT if i % 2 else Verdict.WRONG)
+        for i in range(4)
+    ]
     return [
         Prompt(
             prompt_id="p-2",

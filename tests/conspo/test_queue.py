@@ -13,7 +13,7 @@ import redis
 
 from conspo.keys import Keys
 from conspo.protocol import DeadLetter, Prompt, decode
-from conspo.queue import StreamQueue
+from conspo.queue import Commit, StreamQueue
 from conspo.testing import wait_for
 
 WORKER = Path(__file__).with_name("queue_worker.py")
@@ -230,3 +230,29 @@ def test_mark_and_ack_records_markers_and_tallies(redis_client, keys):
     assert redis_client.get(keys.done("learn", "g-1")) == b"trained:1"
     src.mark_and_ack([(got[0], got[0].key, "trained:2")], stage="learn")  # a duplicate commit
     assert redis_client.hgetall(keys.tally("learn")) == {b"g-0": b"2", b"g-1": b"1", b"g-2": b"1"}
+
+
+def test_commit_many_is_one_commit_per_item(redis_client, keys):
+    src, dst = queues(redis_client, keys)
+    src.publish_many([(prompt(i), f"g-{i % 3}") for i in range(5)])  # g-0 and g-1 twice
+    got = src.read("c", count=5, block_ms=10)
+    src.fail(got[4], "a previous attempt failed")  # leaves a failure record to clear
+    got[4] = src.read("c", count=1, block_ms=10)[0]
+    results = src.commit_many(
+        [
+            Commit(
+                d,
+                stage="verify",
+                item=d.key,
+                outputs=[(dst, d.message, d.key)],
+                counters={"verifier.groups": 1},
+            )
+            for d in got
+        ]
+    )
+    assert [fresh for _, fresh in results] == [True, True, True, False, False]
+    assert results[3][0] == results[0][0]
+    assert redis_client.xlen(keys.rollouts) == 3
+    assert redis_client.hget(keys.counters, "verifier.groups") == b"3"
+    assert src.backlog().outstanding == 0
+    assert redis_client.hlen(keys.failures) == 0

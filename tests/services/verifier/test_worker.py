@@ -78,12 +78,17 @@ def test_groups_are_labelled_with_the_named_verifier(worker, redis_client, keys)
     drain(worker, 3)
     out = {g.group_id: g for g in labeled_entries(redis_client, keys)}
     assert [lb.verdict for lb in out["g-1"].labels] == [
-        Verdict.CORRECT, Verdict.NO_ANSWER, Verdict.WRONG, Verdict.NO_ANSWER,
-    ]  # fmt: skip
+        Verdict.CORRECT,
+        Verdict.NO_ANSWER,
+        Verdict.WRONG,
+        Verdict.NO_ANSWER,
+    ]
     assert out["g-1"].rewards == [1.0, 0.0, 0.0, 0.0]
     assert [lb.verdict for lb in out["g-2"].labels] == [
-        Verdict.CORRECT, Verdict.WRONG, Verdict.NO_ANSWER,
-    ]  # fmt: skip
+        Verdict.CORRECT,
+        Verdict.WRONG,
+        Verdict.NO_ANSWER,
+    ]
     assert out["g-3"].labels[0].verdict == Verdict.ERROR
     assert "no-such-verifier" in out["g-3"].labels[0].detail
     counters = {k.decode(): int(v) for k, v in redis_client.hgetall(keys.counters).items()}
@@ -156,9 +161,11 @@ def test_three_replicas_one_killed_every_group_labelled_exactly_once(redis_url, 
     try:
         for start in range(0, n, 250):
             q.publish_many(
-                [(group(i, [str(i), str(i + 1)], str(i), "arith"), f"g-{i}")
-                 for i in range(start, start + 250)]
-            )  # fmt: skip
+                [
+                    (group(i, [str(i), str(i + 1)], str(i), "arith"), f"g-{i}")
+                    for i in range(start, start + 250)
+                ]
+            )
         assert wait_for(lambda: redis_client.xlen(keys.labeled) >= n // 4, timeout=120)
         replicas[1].send_signal(signal.SIGKILL)
         replicas[1].wait(timeout=10)
