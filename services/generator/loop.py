@@ -151,6 +151,7 @@ class GeneratorLoop:
     def step(self) -> int:
         """One iteration; returns the number of groups published."""
         self.apply_staged_weights()
+        self._trim_prompts()
         waited = self._admission_wait()
         if waited is not None:
             reason, seconds = waited
@@ -174,6 +175,14 @@ class GeneratorLoop:
             return self.process(deliveries, capacity=want)
         finally:
             self.flow.release(self.instance)
+
+    def _trim_prompts(self, every_s: float = 10.0) -> None:
+        """Drop prompts every generator has acked (keeping the newest for lineage queries)."""
+        now = time.monotonic()
+        if now - getattr(self, "_last_trim", 0.0) < every_s:
+            return
+        self._last_trim = now
+        self.prompts.trim(keep_last=self.settings.retain_entries)
 
     # -- weights ----------------------------------------------------------------------------------
     def apply_staged_weights(self) -> bool:

@@ -461,6 +461,11 @@ class Learner:
             [d.delivery.entry_id for d in self.window], [d.group_id for d in self.window]
         )
         self.window = []
+        # Acked entries are now safe to drop; keep the newest ones for lineage queries.
+        try:
+            self.queue.trim(keep_last=self.settings.retain_entries)
+        except redis.RedisError as exc:
+            log.warning("could not trim %s: %s", self.queue.key, exc)
 
     def _push_weights(self, full: dict[str, torch.Tensor] | None):
         assert self.push is not None
