@@ -7,6 +7,12 @@ has finished with (B = groups per learner step). ``max_staleness = 0`` is then e
 synchronous baseline: B groups are generated, the learner trains on them, pushes, and only then
 does generation resume (with the new weights).
 
+A second bound ties the budget to the generator's own weights: serving version ``v`` it may bring
+the total produced to ``(v + s + 1) * B`` plus the groups the learner consumed without training
+(skipped or dropped). Every step trains exactly B groups, so the t-th trained group is trained at
+version ``t / B``: what is generated under this bound never arrives stale. Without it a generator
+one version behind keeps producing groups that the learner then has to drop.
+
 The accounting lives in Redis so any number of generators share one budget:
 
 - ``generator.groups``: groups committed to ``rollouts`` (incremented inside the commit script);
@@ -52,7 +58,14 @@ for i = 1, #leases, 2 do
     else redis.call('HDEL', KEYS[2], leases[i]) end
   end
 end
-local cap = consumed + (s + 1) * B - produced - others
+-- Two bounds. Consumption: at most (s + 1) * B groups beyond what the learner is done with.
+-- Version: serving v, a generator may bring the total to (v + s + 1) * B plus the groups the
+-- learner consumed without training them (skipped, dropped: consumed - learner_version * B, as
+-- every step trains exactly B). Group number t among trained ones is trained at version t / B,
+-- so what is generated under this bound never arrives stale.
+local uncounted = math.max(0, consumed - learner_version * B)
+local vcap = (tonumber(ARGV[7]) + s + 1) * B + uncounted
+local cap = math.min(consumed + (s + 1) * B, vcap) - produced - others
 local grant = math.max(0, math.min(tonumber(ARGV[2]), cap))
 if grant > 0 then
   redis.call('HSET', KEYS[2], ARGV[1], grant .. ':' .. (now + tonumber(ARGV[6])))

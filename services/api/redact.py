@@ -13,7 +13,11 @@ import threading
 from typing import Any
 
 _URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]{0,20}://)[^/@\s]{1,512}@")
-_SECRET_NAMES = re.compile(r"(?i)(token|password|passwd|secret|api[_-]?key|authorization)")
+# A name is secret-looking when one of its words is: "api_token" and "redis-password" are,
+# "tokens_per_s" and "max_tokens" (counts of model tokens) are not.
+_SECRET_NAMES = re.compile(
+    r"(?i)(^|[_\-.])(token|password|passwd|secret|api[_-]?key|authorization)($|[_\-.])"
+)
 _lock = threading.Lock()
 _secrets: set[str] = set()
 MASK = "***"

@@ -463,7 +463,7 @@ class Learner:
         self.window = []
         # Acked entries are now safe to drop; keep the newest ones for lineage queries.
         try:
-            self.queue.trim(keep_last=self.settings.retain_entries)
+            self.queue.trim(keep_last=self.s.retain_entries)
         except redis.RedisError as exc:
             log.warning("could not trim %s: %s", self.queue.key, exc)
 

@@ -53,3 +53,19 @@ def test_a_dead_generators_lease_expires(redis_client, keys):
     time.sleep(0.3)
     assert flow.reserve("alive", 4, served_version=0) == 4
     assert redis_client.hget(keys.counters, CONSUMED) is None
+
+
+def test_budget_is_tied_to_the_generators_own_version(redis_client, keys):
+    flow = make(redis_client, keys, b=4, s=1)
+    produce(redis_client, keys, 8)
+    flow.consumed(8)  # two steps trained: consumption alone would allow 8 more
+    redis_client.hset(keys.state, "policy_version", 2)
+    assert flow.reserve("g1", 100, served_version=1) == 4  # (1 + 1 + 1) * 4 - 8
+    assert flow.reserve("g1", 100, served_version=2) == 8
+
+
+def test_skipped_groups_widen_the_version_budget(redis_client, keys):
+    flow = make(redis_client, keys, b=4, s=0)
+    produce(redis_client, keys, 4)
+    flow.consumed(3)  # three all-equal groups skipped at version 0: three more are needed
+    assert flow.reserve("g1", 100, served_version=0) == 3

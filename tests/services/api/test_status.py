@@ -107,3 +107,12 @@ def test_garbage_written_by_others_does_not_break_the_page(api, redis_client, ke
     assert body["services"] == [] and body["counters"] == {} and body["step"] is None
     assert body["curves"]["train"] == [{"step": 1, "loss": None}]
     assert "leak-me-please" not in response.text
+
+
+def test_metric_names_mentioning_model_tokens_are_not_masked():
+    from services.api.redact import redact_mapping
+
+    out = redact_mapping(
+        {"tokens_per_s": 812.5, "max_tokens": 8, "api_token": "x", "password": "y"}
+    )
+    assert out == {"tokens_per_s": 812.5, "max_tokens": 8, "api_token": "***", "password": "***"}

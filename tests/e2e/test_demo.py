@@ -1,0 +1,36 @@
+"""`conspo demo` end to end, as the README runs it, with a small step budget."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.slow
+def test_demo_trains_and_accounts_for_every_prompt(tmp_path, redis_url):
+    out = tmp_path / "demo"
+    env = {**os.environ, "CONSPO_REDIS_URL": redis_url}
+    argv = ["demo", "--steps", "6", "--seed", "3", "--quiet", "--out", str(out)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "conspo.cli", *argv],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    acc = summary["accounting"]
+    assert summary["final_train"]["step"] == 6
+    assert acc["trained"] >= 6 * 32  # six steps of B=32 informative groups
+    assert acc["lost"] == 0
+    assert acc["duplicated"] == 0
+    assert acc["submitted"] >= acc["generated"] >= acc["labelled"] >= acc["trained"]
+    assert summary["accuracy_before"] is not None
+    assert summary["accuracy_after"] >= summary["accuracy_before"] - 0.10  # no collapse
+    assert all(code == 0 for code in summary["exit_codes"].values()), summary["exit_codes"]
+    assert "held-out greedy accuracy" in proc.stdout
