@@ -1,0 +1,61 @@
+"""The model layer shared by the generator (sampling) and the learner (teacher forcing).
+
+Modules: `tokenizer` (character-level tokenizer), `tiny` (tiny Qwen2-style model, save/load of
+any local HF causal LM), `sampling` (batched group sampling with behaviour log-probs),
+`logprobs` (teacher-forced completion log-probs), `sft` (warm start and evaluation).
+
+This package root stays import-light (no torch / transformers at import time): it only locates
+the committed warm-start checkpoint and retrains one on request.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+_ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny-arith"
+
+
+def default_checkpoint() -> Path:
+    """The committed warm-start checkpoint (`conspo/assets/tiny-arith`), a `from_pretrained`
+    directory with `recipe.json`."""
+    return _ASSET_DIR
+
+
+def cache_dir() -> Path:
+    """Where retrained checkpoints go: `$CONSPO_CACHE_DIR`, else `$XDG_CACHE_HOME/conspo`,
+    else `~/.cache/conspo`."""
+    if env := os.environ.get("CONSPO_CACHE_DIR"):
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "conspo"
+
+
+def _is_checkpoint(path: Path) -> bool:
+    return (path / "config.json").is_file()
+
+
+def ensure_checkpoint(path: Path | None = None, fresh: bool = False, **warm_start_kwargs) -> Path:
+    """A usable checkpoint directory.
+
+    - `fresh=False`: `path` if it already holds a checkpoint, else the committed default when
+      `path` is None; a `path` without a checkpoint is trained into.
+    - `fresh=True`: run the warm start (`conspo.models.sft.warm_start`, keyword arguments
+      passed through, e.g. `seed`, `steps`) into `path`, or into
+      `cache_dir()/tiny-arith-seed{seed}` when `path` is None, and return that directory.
+    """
+    if not fresh:
+        if path is None and _is_checkpoint(default_checkpoint()):
+            return default_checkpoint()
+        if path is not None and _is_checkpoint(Path(path)):
+            return Path(path)
+    from conspo.models.sft import DEFAULT_SEED, warm_start
+
+    seed = int(warm_start_kwargs.get("seed", DEFAULT_SEED))
+    target = Path(path) if path is not None else cache_dir() / f"tiny-arith-seed{seed}"
+    logger.info("training a warm-start checkpoint into %s", target)
+    warm_start(target, **warm_start_kwargs)
+    return target
