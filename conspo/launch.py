@@ -261,10 +261,22 @@ class LocalStack:
         """SIGTERM everyone (generators first, api last), then SIGKILL stragglers."""
         order = {"generator": 0, "verifier": 1, "learner": 2, "api": 3}
         codes = {}
+        finished = self._finished_quietly()
         for p in sorted(self.procs, key=lambda p: order[p.service]):
+            if p.service == "learner" and finished and p.popen is not None:
+                # A learner that reached total_steps exits by itself; a SIGTERM during its
+                # interpreter teardown (when Python has dropped its handlers) would kill it.
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    p.popen.wait(timeout=timeout)
             codes[p.name] = p.stop(timeout)
         self.client.close()
         return codes
+
+    def _finished_quietly(self) -> bool:
+        try:
+            return self.learner_finished()
+        except redis.RedisError:
+            return False
 
     def __enter__(self) -> LocalStack:
         return self

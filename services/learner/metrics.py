@@ -47,6 +47,8 @@ _SERIES_KEYS = (
     "version",
     *_GAUGES,
     "dropped_frac",
+    "staleness_mean",
+    "staleness_max",
     "kl_ref",
     "wait_s",
     "fwd_bwd_s",
@@ -77,6 +79,9 @@ def step_record(
         "dropped": len(batch.dropped),
         "duplicates": batch.duplicates,
         "staleness": {str(k): v for k, v in sorted(batch.staleness.items())},
+        "staleness_mean": sum(k * v for k, v in batch.staleness.items())
+        / max(1, sum(batch.staleness.values())),
+        "staleness_max": max(batch.staleness, default=0),
         "margin": stats.margin,
         "grad_norm": stats.grad_norm,
         "lr": stats.lr,
