@@ -71,9 +71,30 @@ return {fresh and 1 or 0, first}
 _DEAD = """
 -- KEYS[1] source stream, KEYS[2] dead stream, KEYS[3] failures hash
 -- ARGV: group, entry id, key, payload
-redis.call('XADD', KEYS[2], '*', 'k', ARGV[3], 'd', ARGV[4])
+-- Only an entry that is still pending is dead-lettered: run twice (a client retrying after a
+-- lost reply) or after another consumer finished the entry, the script writes nothing.
 redis.call('HDEL', KEYS[3], ARGV[2])
-return redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+local acked = redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+if acked == 1 then
+  redis.call('XADD', KEYS[2], '*', 'k', ARGV[3], 'd', ARGV[4])
+end
+return acked
+"""
+
+_MARK_AND_ACK = """
+-- KEYS[1] stream, KEYS[2] failures hash, KEYS[3] tally hash, KEYS[4..] done markers
+-- ARGV: group, ttl seconds, then one (item, marker, entry id) triple per marker key.
+-- The tally counts distinct commits of an item: the same marker written again (a client
+-- retrying after a lost reply, a window recorded by two checkpoints) is not a second one.
+for i = 4, #KEYS do
+  local a = 3 + 3 * (i - 4)
+  local old = redis.call('GET', KEYS[i])
+  redis.call('SET', KEYS[i], ARGV[a + 1], 'EX', ARGV[2])
+  if old ~= ARGV[a + 1] then redis.call('HINCRBY', KEYS[3], ARGV[a], 1) end
+  redis.call('XACK', KEYS[1], ARGV[1], ARGV[a + 2])
+  redis.call('HDEL', KEYS[2], ARGV[a + 2])
+end
+return #KEYS - 3
 """
 
 
@@ -122,6 +143,13 @@ def _s(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def _key(fields: dict) -> str:
+    """An entry's ``k`` field. Any writer can put bytes there, and a key that is not UTF-8 must
+    not crash the reader: it only labels the entry (dead letters, logs)."""
+    value = fields.get(b"k", b"")
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
 def _id_tuple(entry_id: str) -> tuple[int, int]:
     ms, _, seq = entry_id.partition("-")
     return int(ms), int(seq or 0)
@@ -162,6 +190,7 @@ class StreamQueue(Generic[M]):
         self._claim_cursor = "0-0"
         self._commit = client.register_script(_COMMIT)
         self._dead = client.register_script(_DEAD)
+        self._mark_and_ack = client.register_script(_MARK_AND_ACK)
 
     # -- set-up ---------------------------------------------------------------------------------
     def ensure_group(self) -> None:
@@ -257,26 +286,38 @@ class StreamQueue(Generic[M]):
         mid-pipeline leaves some committed and the rest to be reclaimed, as with ``commit``."""
         if not commits:
             return []
+        try:
+            replies = self._commit_pipeline(commits).execute()
+        except redis.exceptions.NoScriptError:
+            # The pipeline loads its scripts once, then retries connection errors without
+            # reloading: a Redis restart in between leaves a server with an empty script cache.
+            # Nothing ran; a new pipeline loads the script again (commits are idempotent anyway).
+            log.warning("%s: Redis lost its script cache (restarted?): committing again", self.name)
+            replies = self._commit_pipeline(commits).execute()
+        return [(_s(first), bool(fresh)) for fresh, first in replies]
+
+    def _commit_pipeline(self, commits: Sequence[Commit]) -> redis.client.Pipeline:
         pipe = self.client.pipeline(transaction=False)
         for c in commits:
             keys, args = self._commit_call(c)
             self._commit(keys=keys, args=args, client=pipe)
-        return [(_s(first), bool(fresh)) for fresh, first in pipe.execute()]
+        return pipe
 
     def mark_and_ack(self, items: Sequence[tuple[Delivery[M], str, str]], *, stage: str) -> None:
         """For batch consumers (the learner): record ``(delivery, item, marker)`` and ack all.
 
-        Also tallies each item in ``tally:<stage>`` in the same transaction: a batch consumer that
-        ever commits an item twice (a resume bug) shows up there as a count above one."""
-        if not items:
-            return
-        pipe = self.client.pipeline(transaction=True)
-        for _, item, marker in items:
-            pipe.set(self.keys.done(stage, item), marker, ex=self.done_ttl_s)
-            pipe.hincrby(self.keys.tally(stage), item, 1)
-        pipe.xack(self.key, self.group, *[d.entry_id for d, _, _ in items])
-        pipe.hdel(self.keys.failures, *[d.entry_id for d, _, _ in items])
-        pipe.execute()
+        Also tallies each item in ``tally:<stage>`` in the same atomic script: a batch consumer
+        that ever commits an item twice with different outcomes (a resume bug) shows up there as
+        a count above one. Writing the same marker again does not count, so a call retried after
+        a lost reply is harmless. Large batches go in chunks (each chunk atomic on its own)."""
+        for i in range(0, len(items), 500):
+            chunk = items[i : i + 500]
+            keys = [self.key, self.keys.failures, self.keys.tally(stage)]
+            keys += [self.keys.done(stage, item) for _, item, _ in chunk]
+            args: list[str | int] = [self.group, self.done_ttl_s]
+            for d, item, marker in chunk:
+                args += [item, marker, d.entry_id]
+            self._mark_and_ack(keys=keys, args=args)
 
     def is_done(self, stage: str, item: str) -> bool:
         return bool(self.client.exists(self.keys.done(stage, item)))
@@ -355,10 +396,12 @@ class StreamQueue(Generic[M]):
         """Drop entries every group has acknowledged, keeping the newest ``keep_last`` anyway."""
         floor: tuple[int, int] | None = None
         for info in self.client.xinfo_groups(self.key):
+            first = []
             if int(info["pending"]):
                 first = self.client.xpending_range(self.key, _s(info["name"]), "-", "+", 1)
+            if first:
                 candidate = _id_tuple(_s(first[0]["message_id"]))
-            else:
+            else:  # nothing pending (or it was all acked since XINFO answered)
                 candidate = _id_tuple(_next_id(_s(info["last-delivered-id"])))
             floor = candidate if floor is None else min(floor, candidate)
         if floor is None:
@@ -432,7 +475,7 @@ class StreamQueue(Generic[M]):
                 reason = _s(why) if why else "consumer died or timed out on every delivery"
                 self.dead_letter(
                     eid,
-                    _s(fields.get(b"k", b"")),
+                    _key(fields),
                     fields.get(b"d", b""),
                     f"gave up after {n - 1} deliveries: {reason}",
                     deliveries=n - 1,
@@ -469,7 +512,7 @@ class StreamQueue(Generic[M]):
         self, consumer: str, entry_id: bytes | str, fields: dict, deliveries: int
     ) -> Delivery[M] | None:
         eid = _s(entry_id)
-        key = _s(fields.get(b"k", b""))
+        key = _key(fields)
         raw = fields.get(b"d", b"")
         try:
             message = decode(raw, self.message_type, max_bytes=self.max_entry_bytes)

@@ -129,8 +129,7 @@ def reachable_or_local(url: str | None) -> Iterator[str]:
         yield local
 
 
-def client_for(settings: object) -> redis.Redis:
-    """The client a service uses, with the password / ACL user from its settings."""
+def _auth_kwargs(settings: object) -> dict[str, object]:
     kwargs: dict[str, object] = {}
     password = getattr(settings, "redis_password", None)
     if password is not None:
@@ -138,4 +137,48 @@ def client_for(settings: object) -> redis.Redis:
     username = getattr(settings, "redis_username", None)
     if username:
         kwargs["username"] = username
-    return connect(settings.redis_url, **kwargs)  # type: ignore[attr-defined]
+    return kwargs
+
+
+def client_for(settings: object) -> redis.Redis:
+    """The client a service uses, with the password / ACL user from its settings."""
+    return connect(settings.redis_url, **_auth_kwargs(settings))  # type: ignore[attr-defined]
+
+
+def check_auth(settings: object, timeout: float = 5.0) -> None:
+    """Raise ``SettingsError`` at once if Redis refuses our credentials.
+
+    ``connect``'s clients retry connection errors, and redis-py's ``AuthenticationError`` is one:
+    a missing or wrong password would otherwise look like a Redis outage and be retried forever.
+    An unreachable Redis passes (services wait for it); only a refusal fails. The message names
+    the settings to fix and never the URL (it may carry the password)."""
+    from conspo.settings import SettingsError
+
+    try:
+        client = redis.Redis.from_url(
+            settings.redis_url,  # type: ignore[attr-defined]
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            **_auth_kwargs(settings),
+        )
+    except ValueError as exc:
+        raise SettingsError(f"invalid redis_url (CONSPO_REDIS_URL): {exc}") from None
+    try:
+        client.ping()
+    except redis.AuthenticationError as exc:
+        raise SettingsError(
+            f"Redis refused authentication ({type(exc).__name__}: {exc}): set "
+            "CONSPO_REDIS_PASSWORD (and CONSPO_REDIS_USERNAME for an ACL user) to the server's "
+            "credentials"
+        ) from None
+    except redis.ResponseError as exc:
+        if "NOAUTH" in str(exc) or "WRONGPASS" in str(exc) or "NOPERM" in str(exc):
+            raise SettingsError(
+                f"Redis refused our credentials ({exc}): check CONSPO_REDIS_PASSWORD / "
+                "CONSPO_REDIS_USERNAME"
+            ) from None
+        log.warning("Redis answered PING with an error (%s)", exc)
+    except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+        log.warning("Redis does not answer yet (%s): the service will keep retrying", exc)
+    finally:
+        client.close()

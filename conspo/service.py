@@ -3,7 +3,12 @@
 Services are plain loops that check ``runtime.stopping`` between units of work: SIGTERM and
 SIGINT only set the flag, so a unit in flight finishes (or is released) instead of dying halfway.
 A heartbeat thread writes the instance's status and last error to the run's state hash; it keeps
-going while the main loop is busy, so a slow step is never mistaken for a dead process.
+going while the main loop is busy, so a slow step is never mistaken for a dead process. Each beat
+also checks the run's incarnation (``conspo.incarnation``): if Redis lost the run's state, the
+instance logs an error, counts it and says ``redis state lost`` in its heartbeat.
+
+Start-up fails fast (``SettingsError``, exit code 2) when Redis refuses our credentials: retrying
+a wrong password forever would look like an outage. An unreachable Redis is waited for as usual.
 """
 
 from __future__ import annotations
@@ -18,12 +23,13 @@ from types import FrameType, TracebackType
 from typing import Any, Literal
 
 import redis
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, Counter, start_http_server
 
+from conspo.incarnation import Incarnation
 from conspo.logs import setup as setup_logging
 from conspo.protocol import Heartbeat, MetaValue
 from conspo.queue import consumer_name
-from conspo.redis_conn import client_for
+from conspo.redis_conn import check_auth, client_for
 from conspo.settings import CommonSettings
 from conspo.state import RunStore
 
@@ -48,6 +54,12 @@ class ServiceRuntime:
         self.last_error: str | None = None
         self.info: dict[str, MetaValue] = {}
         self._beat_thread: threading.Thread | None = None
+        self.incarnation = Incarnation(self.client, self.keys, self.instance)
+        self._state_lost = Counter(
+            "conspo_redis_state_lost",
+            "Times this instance found that Redis lost the run's state",
+            registry=self.registry,
+        )
 
     @property
     def stopping(self) -> bool:
@@ -73,7 +85,27 @@ class ServiceRuntime:
         self.last_error = message[:2000]
         log.error("%s", message)
 
+    def check_incarnation(self) -> None:
+        """Compare the run's incarnation with ours; report a loss once (see conspo.incarnation)."""
+        before = self.incarnation.state.detections
+        state = self.incarnation.check()
+        if state.detections > before:
+            self._state_lost.inc()
+            self.info["redis_state"] = "lost"
+            self.info["redis_state_lost"] = state.detections
+            self.error(f"{state.detail}")
+            try:
+                self.store.incr({"redis.state_lost": 1})
+            except redis.RedisError as exc:
+                log.warning("could not count the loss: %s", exc)
+        if state.lost:
+            self.last_error = (state.detail or "")[:2000]
+
     def beat(self) -> None:
+        try:
+            self.check_incarnation()
+        except redis.RedisError as exc:
+            log.warning("incarnation check failed: %s", exc)
         try:
             self.store.heartbeat(
                 Heartbeat(
@@ -97,6 +129,7 @@ class ServiceRuntime:
         setup_logging(
             self.settings.log_level, json_lines=self.settings.log_json, service=self.service
         )
+        check_auth(self.settings)
         if self.settings.metrics_port:
             start_http_server(self.settings.metrics_port, registry=self.registry)
             log.info("metrics on :%d/metrics", self.settings.metrics_port)

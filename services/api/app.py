@@ -61,6 +61,11 @@ def create_app(
     ctx = AppContext(settings=settings, client=client or request_client(settings), metrics=metrics)
     if instance:
         ctx.instance = instance
+        ctx.incarnation.instance = instance
+    try:  # adopt the run's incarnation now, so a later loss is noticed (conspo.incarnation)
+        ctx.incarnation.check()
+    except redis.RedisError as exc:
+        log.warning("could not read the run's incarnation yet: %s", type(exc).__name__)
     metrics.watch_queues(ctx.client, ctx.keys)
     feeder = DatasetFeeder(
         ctx.datasets,

@@ -15,6 +15,7 @@ from fastapi import Request
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from conspo.incarnation import Incarnation
 from conspo.keys import Keys
 from conspo.protocol import Prompt
 from conspo.queue import StreamQueue, consumer_name
@@ -61,6 +62,7 @@ class AppContext:
         )
         self.publisher = PromptPublisher(self.prompts, self.settings.idempotency_ttl_s)
         self.datasets = DatasetStore(self.client, self.keys)
+        self.incarnation = Incarnation(self.client, self.keys, self.instance)
 
 
 def get_ctx(request: Request) -> AppContext:

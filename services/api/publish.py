@@ -1,6 +1,7 @@
 """Publishing prompts, once per Idempotency-Key.
 
-Without a key, prompts go out in one pipelined XADD batch. With a key, one Lua script does it
+Without a key, prompts go out in one MULTI/EXEC with the accepted counter (so the counter always
+matches the stream, whatever is retried). With a key, one Lua script does it
 all atomically: if ``keys.idempotency(key)`` exists it returns the stored record; otherwise it
 XADDs every prompt and stores ``{fp, prompt_ids, entry_ids}`` under the key with a TTL. Redis runs
 a script to completion before any other command, so concurrent retries with the same key cannot
@@ -21,7 +22,6 @@ from typing import Any
 
 from conspo.protocol import MessageTooLargeError, Prompt, encode
 from conspo.queue import StreamQueue
-from conspo.state import RunStore
 from services.api.errors import ApiError
 
 _PUBLISH_ONCE = """
@@ -67,11 +67,17 @@ class PromptPublisher:
             raise ApiError(413, "entry_too_large", str(exc)) from None
 
     def publish(self, prompts: list[Prompt]) -> Published:
-        try:  # publish_many encodes every entry before it sends anything
-            ids = self.queue.publish_many([(p, p.prompt_id) for p in prompts])
-        except MessageTooLargeError as exc:
-            raise ApiError(413, "entry_too_large", str(exc)) from None
-        RunStore(self.queue.client, self.queue.keys).incr({ACCEPTED_COUNTER: len(ids)})
+        """Without a key: the XADDs and the accepted counter in one MULTI/EXEC, so that the
+        counter always matches the entries, even when the client library retries the whole
+        transaction after a lost reply (then both happen twice: the request had no key)."""
+        payloads = self._encode(prompts)  # everything is encoded before anything is sent
+        self.queue.ensure_group()
+        pipe = self.queue.client.pipeline(transaction=True)
+        for prompt, data in zip(prompts, payloads, strict=True):
+            pipe.xadd(self.queue.key, {"k": prompt.prompt_id, "d": data})
+        pipe.hincrby(self.queue.keys.counters, ACCEPTED_COUNTER, len(prompts))
+        replies = pipe.execute()
+        ids = [x.decode() if isinstance(x, bytes) else str(x) for x in replies[:-1]]
         return Published([p.prompt_id for p in prompts], ids, replayed=False)
 
     def publish_once(self, key: str, fp: str, prompts: list[Prompt]) -> Published:

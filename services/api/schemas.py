@@ -267,7 +267,16 @@ class Curves(BaseModel):
 
 class RunStatus(BaseModel):
     run: str
-    status: str = Field(description="Run status field (`idle` when nobody set it).")
+    status: str = Field(
+        description="Run status field (`idle` when nobody set it; `redis_state_lost` when Redis "
+        "lost the run's state)."
+    )
+    redis_state: Literal["ok", "lost"] = Field(
+        default="ok",
+        description="`lost` when the run's incarnation key vanished or changed: Redis restarted "
+        "without persistence or was flushed, and what was in flight is gone.",
+    )
+    redis_state_detail: str | None = None
     step: int | None = None
     policy_version: int | None = None
     fields: dict[str, str] = Field(default_factory=dict, description="The run's state hash.")

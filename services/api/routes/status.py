@@ -3,7 +3,9 @@
 Everything here is read from Redis, so any replica answers the same. Instances whose heartbeat
 is older than three heartbeat intervals (or that said they stopped) are listed as ``gone``, not
 hidden: a crashed generator stays visible with its last error. Every string other processes wrote
-(state fields, errors, heartbeat info) passes through ``redact`` on the way out.
+(state fields, errors, heartbeat info) passes through ``redact`` on the way out. When Redis lost
+the run's state (``conspo.incarnation``), ``status`` says ``redis_state_lost`` and
+``redis_state_detail`` says why, instead of an empty run looking ``idle``.
 """
 
 from __future__ import annotations
@@ -134,13 +136,16 @@ def _series(ctx: AppContext, name: str, points: int) -> list[dict[str, Any]]:
 
 
 def run_status(ctx: AppContext, points: int) -> RunStatus:
+    incarnation = ctx.incarnation.check()
     raw_fields = ctx.client.hgetall(ctx.keys.state)
     fields = redact_mapping({_s(k): _s(v) for k, v in raw_fields.items()})
     curves = Curves(train=_series(ctx, "train", points), eval=_series(ctx, "eval", points))
     services, replicas = _services(ctx)
     return RunStatus(
         run=ctx.settings.run,
-        status=fields.get("status", "idle"),
+        status="redis_state_lost" if incarnation.lost else fields.get("status", "idle"),
+        redis_state="lost" if incarnation.lost else "ok",
+        redis_state_detail=redact(incarnation.detail) if incarnation.detail else None,
         step=_int(fields.get("step")),
         policy_version=_int(fields.get("policy_version")),
         fields=fields,
