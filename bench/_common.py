@@ -74,3 +74,110 @@ def table(rows: list[list[Any]], header: list[str]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+# -- additions for the pipeline / learning benchmarks (async_vs_sync, objectives, vs_trl,
+# verifier_throughput, run_all) -------------------------------------------------------------------
+
+
+def loadavg() -> list[float]:
+    """The 1/5/15-minute load averages (the machine is shared: every report states them)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
+def header(info: dict[str, Any]) -> str:
+    """Two lines every new script prints first: the machine and its load right now."""
+    load = loadavg()
+    return f"machine: {describe(info)}\nload average (1/5/15 min) at start: {load}"
+
+
+def summary(text: str) -> str:
+    """The one line ``run_all.py`` collects; printed last by every script."""
+    line = f"summary: {text}"
+    print(line, flush=True)
+    return line
+
+
+def result_paths(json_arg: str | Path | None, name: str) -> tuple[Path, Path]:
+    """Where a script writes its JSON and its PNG(s): ``--json PATH`` decides the folder, else
+    ``bench/results/``. The PNG sits next to the JSON with the same stem."""
+    target = Path(json_arg) if json_arg else RESULTS / f"{name}.json"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return target, target.with_suffix(".png")
+
+
+def model_path(arg: str | Path | None) -> Path:
+    """``--model`` or the bundled warm-started checkpoint (``conspo.models.default_checkpoint``).
+
+    Exits with a clear message when neither holds a checkpoint (the bundled asset is committed
+    separately; until then pass ``--model``)."""
+    from conspo.models import default_checkpoint
+
+    path = Path(arg) if arg else Path(default_checkpoint())
+    if not (path / "config.json").is_file():
+        raise SystemExit(
+            f"no model checkpoint at {path}: pass --model PATH (a from_pretrained directory, "
+            "e.g. one written by `python -m conspo.models.sft --out PATH`)"
+        )
+    return path
+
+
+#: The RL settings a benchmark takes (keys of recipe.json's ``rl`` table).
+RL_KEYS = ("lr", "group_size", "batch_groups", "temperature", "max_tokens")
+
+
+def rl_fallback() -> dict[str, Any]:
+    """The demo's RL settings (``conspo.demo.DEFAULTS``; temperature and completion budget as
+    ``conspo.launch.StackConfig``), read at run time so the benchmarks follow the demo."""
+    from conspo.demo import DEFAULTS
+    from conspo.launch import StackConfig
+
+    fields = StackConfig.model_fields
+    return {
+        "lr": float(DEFAULTS["lr"]),
+        "group_size": int(DEFAULTS["group_size"]),
+        "batch_groups": int(DEFAULTS["batch_groups"]),
+        "temperature": float(fields["temperature"].default),
+        "max_tokens": int(fields["max_tokens"].default),
+    }
+
+
+def rl_hyperparameters(model: Path) -> tuple[dict[str, Any], str]:
+    """RL hyper-parameters for ``model``: ``recipe.json``'s ``rl`` table (of the model, else of
+    the bundled checkpoint) over the demo's; returns them and where they came from."""
+    from conspo.models import default_checkpoint
+
+    fallback = rl_fallback()
+    for folder in (Path(model), Path(default_checkpoint())):
+        recipe = folder / "recipe.json"
+        if not recipe.is_file():
+            continue
+        try:
+            rl = json.loads(recipe.read_text()).get("rl")
+        except (OSError, ValueError):
+            continue
+        if isinstance(rl, dict) and rl:
+            known = {k: rl[k] for k in RL_KEYS if k in rl}
+            return {**fallback, **known}, f"{recipe} (rl)"
+    return fallback, "conspo.demo DEFAULTS (no rl table in recipe.json)"
+
+
+def mean_std(xs: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    if not xs:
+        return float("nan"), float("nan")
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def arith_training_rows(n_train: int | None = 4000) -> list[dict[str, str]]:
+    """Training rows of the synthetic task WITHOUT the held-out problems: the first ``n_train``
+    of ``make_split(None, DEFAULT_N_TEST, DEFAULT_SPLIT_SEED).train``, the split the learner's
+    ``arith`` evaluation holds out. (``conspo.demo.training_rows`` draws from the whole problem
+    space, held-out problems included.)"""
+    from conspo.tasks.arith import DEFAULT_N_TEST, DEFAULT_SPLIT_SEED, make_split
+
+    train = make_split(n_train, DEFAULT_N_TEST, DEFAULT_SPLIT_SEED).train
+    return [{"prompt": p.prompt, "answer": p.answer} for p in train]

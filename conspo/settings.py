@@ -135,8 +135,8 @@ class GeneratorSettings(CommonSettings):
     weight_sync_backend: Literal["auto", "gloo", "nccl"] = "auto"
     weight_sync_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         default="auto",
-        description="dtype of the tensors the learner sends (auto: hf = the model's own dtype, "
-        "vllm = float32, the learner's master weights). Must match the learner's layout.",
+        description="dtype of the tensors the learner sends: the learner's weight_sync_dtype "
+        "(auto = float32, the learner's default). The engine casts into its own dtype on load.",
     )
     batch_groups: int = Field(
         default=32, ge=1, description="Groups per learner step, until the learner publishes it."
@@ -238,6 +238,11 @@ class LearnerSettings(CommonSettings):
     weight_sync_backend: Literal["auto", "gloo", "nccl"] = "auto"
     weight_sync_member_ttl_s: float = Field(default=15.0, gt=0)
     weight_sync_bucket_mb: int = Field(default=1024, ge=1)
+    weight_sync_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        default="float32",
+        description="dtype of the pushed tensors (bfloat16 halves the bytes on the wire); every "
+        "generator's weight_sync_dtype must name the same.",
+    )
     colocated_generator: bool = Field(
         default=False, description="A generator shares the learner's GPU (no NCCL broadcast)."
     )

@@ -241,7 +241,9 @@ def sample_groups(
         raise ValueError("empty prompt")
     if not prompt_ids:
         return []
-    generator = torch.Generator(device="cpu")
+    # The generator lives where the logits are: multinomial refuses a CPU generator for CUDA
+    # probabilities (so seeded streams differ between devices, not between runs).
+    generator = torch.Generator(device=next(model.parameters()).device)
     if seed is None:
         generator.seed()
     else:

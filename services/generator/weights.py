@@ -179,10 +179,17 @@ def initial_load(client: redis.Redis, keys: Any, backend: Any, loaded_version: i
 
 
 # -- the in-process (hf) path ---------------------------------------------------------------------
+def hf_template(model: torch.nn.Module, weight_sync_dtype: str) -> TensorList:
+    """What the hf engine expects from the learner: its parameters in the LEARNER's dtype
+    (``auto``: float32 master weights), not the engine's own (bf16 on a GPU); ``load_weights``
+    casts on receipt."""
+    return template_from_model(model, resolve_sync_dtype(weight_sync_dtype, torch.float32))
+
+
 def start_hf_sync(runtime: ServiceRuntime, settings: GeneratorSettings, backend: Any) -> WeightSync:
     model = backend.model
     device = next(model.parameters()).device
-    template = template_from_model(model, resolve_sync_dtype(settings.weight_sync_dtype, None))
+    template = hf_template(model, settings.weight_sync_dtype)
     subscriber = WeightSubscriber(
         runtime.client,
         runtime.keys,

@@ -252,6 +252,7 @@ class Learner:
             plot_every=s.plot_every,
         )
         self.metrics.resume(self.step)
+        self.push_dtype: torch.dtype = getattr(torch, s.weight_sync_dtype)
         self.push = WeightPush(
             self.client,
             s.keys,
@@ -470,7 +471,7 @@ class Learner:
     def _push_weights(self, full: dict[str, torch.Tensor] | None):
         assert self.push is not None
         outcome = self.push.push(
-            parameter_list(self.model, full),
+            parameter_list(self.model, full, dtype=self.push_dtype),
             version=self.version,
             step=self.step,
             checkpoint_path=self.last_ckpt_path,

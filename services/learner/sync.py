@@ -38,12 +38,20 @@ class PushOutcome:
     error: str | None = None
 
 
-def parameter_list(model: nn.Module, full_state: dict[str, torch.Tensor] | None):
+def parameter_list(
+    model: nn.Module,
+    full_state: dict[str, torch.Tensor] | None,
+    dtype: torch.dtype = torch.float32,
+):
     """``named_parameters`` order and names (what receivers' templates hold); tensors from the
-    gathered full state under FSDP2, the live parameters otherwise."""
+    gathered full state under FSDP2, the live parameters otherwise; cast to ``dtype`` (the
+    ``weight_sync_dtype`` every generator's template is built with) where they differ."""
     if full_state is None:
-        return model
-    return [(name, full_state[name]) for name, _ in model.named_parameters() if name in full_state]
+        items = [(name, p.detach()) for name, p in model.named_parameters()]
+    else:
+        names = [name for name, _ in model.named_parameters()]
+        items = [(name, full_state[name]) for name in names if name in full_state]
+    return [(name, t if t.dtype == dtype else t.to(dtype)) for name, t in items]
 
 
 def gpu_uuid(device: torch.device) -> str | None:
@@ -106,7 +114,9 @@ class WeightPush:
         self.pushes = 0
         self.failures = 0
         self._warned: set[str] = set()
-        if colocated:
+        # gloo stages through host memory, so ranks sharing a GPU are fine; only NCCL refuses them.
+        self.nccl_possible = backend != "gloo"
+        if colocated and self.nccl_possible:
             self._warn_colocated(["(colocated_generator=true)"])
 
     def _warn_colocated(self, names: list[str]) -> None:
@@ -126,7 +136,8 @@ class WeightPush:
     def push(self, source, *, version: int, step: int, checkpoint_path: str | None) -> PushOutcome:
         start = time.perf_counter()
         try:
-            self._warn_colocated(colocated_generators(self.store, self.device))
+            if self.nccl_possible:
+                self._warn_colocated(colocated_generators(self.store, self.device))
         except redis.RedisError as exc:
             log.debug("could not read heartbeats: %s", exc)
         try:

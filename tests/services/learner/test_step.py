@@ -96,8 +96,10 @@ def test_micro_batches_accumulate_the_full_batch_gradient(
     (whole, s_whole), (parts, s_parts) = grads
     assert s_parts.loss == pytest.approx(s_whole.loss, rel=1e-5, abs=1e-7)
     for name, g in whole.items():
-        # Same sum in another order: float32 round-off only (measured ~4e-7 relative).
-        assert float((parts[name] - g).norm()) <= 1e-5 * float(g.norm()) + 1e-12, name
+        # Same sum in another order: float32 round-off only (~4e-7 relative on one thread, up to
+        # ~1e-5 with multi-threaded reductions). A wrong weight or a dropped micro-batch is off
+        # by >= 1/6 here, so 1e-4 still catches every real accumulation bug.
+        assert float((parts[name] - g).norm()) <= 1e-4 * float(g.norm()) + 1e-12, name
     assert any(g.abs().sum() > 0 for g in whole.values())
 
 
@@ -142,7 +144,9 @@ def test_activation_checkpointing_gives_the_same_gradient(model_path, groups_fac
         trainer = _trainer(model_path, token_budget=40)
         if checkpointing:
             _enable_activation_checkpointing(trainer.model)
-            assert trainer.model.is_activation_checkpointing
+            # transformers renamed the flag (5.17: is_gradient_checkpointing; 5.24: both)
+            m = trainer.model
+            assert getattr(m, "is_activation_checkpointing", m.is_gradient_checkpointing)
         trainer.accumulate(groups, 0, 100)
         grads.append({n: p.grad.clone() for n, p in trainer.model.named_parameters()})
     for name, g in grads[0].items():

@@ -1,4 +1,5 @@
-"""Same-GPU detection from the generators' heartbeats."""
+"""Same-GPU detection from the generators' heartbeats; the pushed layout matches the generators'
+templates whatever dtype the engine serves in."""
 
 from __future__ import annotations
 
@@ -6,9 +7,12 @@ import socket
 
 import torch
 
+from conspo.models.tiny import build_tiny_model
 from conspo.protocol import Heartbeat
 from conspo.state import RunStore
-from services.learner.sync import colocated_generators
+from conspo.weight_sync.layout import layout_of
+from services.generator.weights import hf_template
+from services.learner.sync import colocated_generators, parameter_list
 
 
 def test_a_generator_on_the_learners_gpu_is_detected(redis_client, keys):
@@ -26,3 +30,20 @@ def test_a_generator_on_the_learners_gpu_is_detected(redis_client, keys):
     assert colocated_generators(store, torch.device("cuda", 0)) == ["gen-same"]
     assert colocated_generators(store, torch.device("cuda", 1)) == ["gen-other-gpu"]
     assert colocated_generators(store, torch.device("cpu")) == []
+
+
+def test_the_pushed_layout_matches_a_bf16_generators_template():
+    # Found on an H200: the hf backend serves bf16 on a GPU, and its template followed the
+    # engine's dtype while the learner pushed float32 master weights; every push was refused
+    # as a layout mismatch. Both sides now follow weight_sync_dtype (float32 by default).
+    learner_model, _ = build_tiny_model(seed=0)
+    served, _ = build_tiny_model(seed=1)
+    served.to(torch.bfloat16)
+    for setting in ("float32", "bfloat16"):
+        dtype = getattr(torch, setting)
+        pushed = layout_of(parameter_list(learner_model, None, dtype=dtype))
+        generator_setting = "auto" if setting == "float32" else setting
+        template = hf_template(served, generator_setting)
+        assert pushed.hash == layout_of(template).hash, setting
+    full = dict(learner_model.named_parameters())  # the gathered-state route (FSDP2)
+    assert layout_of(parameter_list(learner_model, full)).hash == layout_of(learner_model).hash

@@ -1,0 +1,414 @@
+"""TRL's GRPOTrainer vs this pipeline (GRPO and ConSPO) on the same tiny model, in one run.
+
+Same model directory, reward rule (``conspo.tasks.arith.score``, the ``arith`` verifier's),
+training prompts (the demo task's training split, held-out problems excluded), group size G,
+prompts per optimizer step, completion budget, temperature, learning rate, optimizer (AdamW,
+betas 0.9/0.999, no weight decay, constant LR, grad clip 1.0), no KL, step count. Rows:
+
+- ``trl grpo``: ``trl.GRPOTrainer`` in this process on the CPU: transformers ``generate`` (no
+  vLLM), float32, ``num_generations = G``, ``per_device_train_batch_size = B x G`` completions
+  (B prompts per step, one optimizer step per generation batch, so it is on-policy),
+  ``loss_type="grpo"``, ``beta=0``, ``scale_rewards="group"``, eps 0.2;
+- ``pipeline grpo s=0``: the real stack (``LocalStack``: api, generator, 2 verifiers, learner
+  as subprocesses, Redis) with ``max_staleness=0``, the synchronous schedule TRL also has;
+- ``pipeline grpo s=1`` and ``pipeline conspo s=1``: the stack as deployed (one step of overlap).
+
+The learner is told not to skip all-equal groups here (``CONSPO_SKIP_UNINFORMATIVE=false``), so
+that, like TRL, every step trains on exactly B prompts' groups, informative or not: the same
+number of generated samples per step for every row. Held-out greedy accuracy is measured by this
+script, identically for every row (``conspo.models.sft.evaluate`` on the final weights; for the
+pipeline, the learner's final checkpoint).
+
+Mismatches that remain (also printed): the prompt ORDER (TRL's sampler and the api's feeder
+shuffle with their own RNGs: the same prompt set, another sequence); the group std (TRL: sample
+std + 1e-4; ours: population std + 1e-6); threads (TRL is one process using every core for each
+phase in turn; the stack runs one torch thread per service, generator and learner in parallel);
+the sampler (TRL: ``model.generate``; ours: ``sample_groups``; the same distribution); with
+s=1 the pipeline's ratios use behaviour log-probs up to one version old.
+
+Needs the optional ``bench`` extra (``pip install -e '.[bench]'``); without TRL the script exits
+with status 2 and says so. Usage::
+
+    python bench/vs_trl.py [--model PATH] [--steps 100] [--smoke]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (
+    arith_training_rows,
+    header,
+    loadavg,
+    machine,
+    model_path,
+    result_paths,
+    rl_hyperparameters,
+    summary,
+    table,
+    write_json,
+)
+
+log = logging.getLogger("bench.vs_trl")
+TRL_PIN = "trl==1.16.0"
+
+
+def require_trl() -> str:
+    try:
+        import trl
+    except ImportError:
+        print(
+            f"vs_trl.py needs TRL, which is not installed. Install the optional bench extra: "
+            f"pip install -e '.[bench]'  (or: pip install '{TRL_PIN}' datasets accelerate)",
+            file=sys.stderr,
+        )
+        raise SystemExit(2) from None
+    return trl.__version__
+
+
+def held_out_accuracy(model: Any, tok: Any, n_eval: int) -> float:
+    from conspo.models.sft import evaluate
+    from conspo.tasks.arith import DEFAULT_N_TEST, DEFAULT_SPLIT_SEED, make_split
+
+    test = make_split(0, DEFAULT_N_TEST, DEFAULT_SPLIT_SEED).test[:n_eval]
+    return evaluate(model, tok, test, greedy=True)
+
+
+# -- TRL -------------------------------------------------------------------------------------------
+def run_trl(args: argparse.Namespace, model_dir: Path, hp: dict, rows: list[dict]) -> dict:
+    import torch
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    from conspo.models.tiny import load_policy
+    from conspo.tasks.arith import score
+
+    torch.set_num_threads(args.trl_threads)
+    t0 = time.perf_counter()
+    model, tok = load_policy(model_dir)
+    dataset = Dataset.from_list(rows)
+
+    def arith_reward(completions: list[str], answer: list[str], **_: Any) -> list[float]:
+        return [float(score(c, a)) for c, a in zip(completions, answer, strict=True)]
+
+    G, B = hp["group_size"], hp["batch_groups"]
+    config = GRPOConfig(
+        output_dir=str(Path(args.work) / "trl"),
+        max_steps=args.steps,
+        per_device_train_batch_size=B * G,
+        gradient_accumulation_steps=1,
+        steps_per_generation=1,
+        num_iterations=1,
+        num_generations=G,
+        max_completion_length=hp["max_tokens"],
+        temperature=hp["temperature"],
+        top_p=1.0,
+        top_k=0,
+        learning_rate=hp["lr"],
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        adam_beta1=0.9,
+        adam_beta2=0.999,
+        max_grad_norm=1.0,
+        beta=0.0,
+        epsilon=0.2,
+        loss_type="grpo",
+        scale_rewards="group",
+        use_vllm=False,
+        bf16=False,
+        fp16=False,
+        use_cpu=True,
+        seed=args.seed,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=arith_reward,
+        args=config,
+        train_dataset=dataset,
+        processing_class=tok,
+    )
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # one dict per step on stdout: kept in log_history
+    t1 = time.perf_counter()
+    trainer.train()
+    t2 = time.perf_counter()
+    history = [h for h in trainer.state.log_history if "reward" in h]
+    accuracy = held_out_accuracy(trainer.model, tok, args.n_eval)
+    return {
+        "system": "trl grpo",
+        "setup_s": t1 - t0,
+        "train_s": t2 - t1,
+        "total_s": t2 - t0,
+        "steps": int(trainer.state.global_step),
+        "samples": int(trainer.state.global_step) * B * G,
+        "accuracy": accuracy,
+        "reward_curve": [(int(h["step"]), float(h["reward"])) for h in history],
+        "threads": args.trl_threads,
+    }
+
+
+# -- the pipeline ----------------------------------------------------------------------------------
+def run_pipeline(
+    objective: str,
+    staleness: int,
+    args: argparse.Namespace,
+    redis_url: str,
+    model_dir: Path,
+    hp: dict,
+    rows: list[dict],
+) -> dict:
+    from conspo.launch import LocalStack, StackConfig
+    from conspo.models.tiny import load_policy
+    from conspo.testing import delete_run
+    from services.learner.checkpoint import CheckpointManager
+
+    run = f"vstrl-{objective}-s{staleness}-{uuid.uuid4().hex[:6]}"
+    out_dir = Path(args.work) / run
+    shutil.rmtree(out_dir, ignore_errors=True)
+    cfg = StackConfig(
+        run=run,
+        out_dir=out_dir,
+        redis_url=redis_url,
+        model_path=model_dir,
+        objective=objective,
+        steps=args.steps,
+        batch_groups=hp["batch_groups"],
+        group_size=hp["group_size"],
+        verifiers=2,
+        max_staleness=staleness,
+        seed=args.seed,
+        lr=hp["lr"],
+        temperature=hp["temperature"],
+        max_tokens=hp["max_tokens"],
+        eval_every=0,
+        checkpoint_every=10,
+        log_level="WARNING",
+        env={"learner": {"CONSPO_PLOT_EVERY": "0", "CONSPO_SKIP_UNINFORMATIVE": "false"}},
+    )
+    stack = LocalStack(cfg)
+    t0 = time.monotonic()
+    try:
+        stack.start()
+        t1 = time.monotonic()
+        stack.submit_dataset(rows, epochs=100, name="arith")
+        stack.wait_finished(timeout=args.timeout, every=0.2)
+        t2 = time.monotonic()
+    finally:
+        stack.stop()
+    after = LocalStack(cfg)
+    try:
+        accounting = after.accounting()
+        delete_run(after.client, run)
+    finally:
+        after.client.close()
+    records = []
+    metrics = out_dir / run / "metrics.jsonl"
+    for line in metrics.read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("kind") == "train":
+            records.append(rec)
+    latest = CheckpointManager(out_dir / run / "checkpoints", keep=3).latest()
+    if latest is None:
+        raise RuntimeError(f"{run}: the learner left no checkpoint")
+    model, tok = load_policy(latest.model_dir)
+    accuracy = held_out_accuracy(model, tok, args.n_eval)
+    if not args.keep:
+        shutil.rmtree(out_dir, ignore_errors=True)
+    steps = max((r["step"] for r in records), default=0)
+    return {
+        "system": f"pipeline {objective} s={staleness}",
+        "setup_s": t1 - t0,
+        "train_s": t2 - t1,
+        "total_s": t2 - t0,
+        "steps": steps,
+        "samples": sum(r["rows"] for r in records),
+        "accuracy": accuracy,
+        "reward_curve": [(r["step"], r["reward_mean"]) for r in records],
+        "accounting": accounting,
+        "threads": 1,
+    }
+
+
+def plot(results: list[dict], acc0: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for r in results:
+        xs = [s for s, _ in r["reward_curve"]]
+        ys = [v for _, v in r["reward_curve"]]
+        k = max(1, len(ys) // 20)  # moving average over ~5% of the run
+        smooth = [statistics.fmean(ys[max(0, i - k + 1) : i + 1]) for i in range(len(ys))]
+        a.plot(xs, smooth, label=r["system"])
+    a.set_xlabel("optimizer step")
+    a.set_ylabel("training reward (moving avg)")
+    a.legend(fontsize=8)
+    names = [r["system"].replace("pipeline ", "") for r in results]
+    b.bar(names, [r["samples"] / r["train_s"] for r in results], color="tab:blue")
+    b.set_ylabel("generated samples / s (training wall)")
+    for i, r in enumerate(results):
+        b.text(i, 0, f"acc {r['accuracy']:.2f}", ha="center", va="bottom", color="w", fontsize=8)
+    b.set_title(f"held-out greedy accuracy at start {acc0:.2f}")
+    b.tick_params(axis="x", labelsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="checkpoint (default: the bundled tiny-arith)")
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--n-train", type=int, default=4000)
+    ap.add_argument("--n-eval", type=int, default=1000)
+    ap.add_argument("--trl-threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--skip-sync", action="store_true", help="no pipeline grpo s=0 row")
+    ap.add_argument("--timeout", type=float, default=900.0, help="per pipeline run")
+    ap.add_argument("--redis-url", default=None)
+    ap.add_argument("--work", default=None, help="run folders (default: a temporary directory)")
+    ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="3 steps, 200 held-out (< 2 min)")
+    ap.add_argument("--json", default=None, help="results file (PNG next to it)")
+    args = ap.parse_args()
+    trl_version = require_trl()
+    if args.smoke:
+        args.steps, args.n_eval, args.skip_sync = min(args.steps, 3), 200, True
+    logging.basicConfig(level=logging.WARNING)
+    for noisy in ("transformers", "trl", "accelerate", "datasets"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    import torch
+
+    from conspo.models.tiny import load_policy
+    from conspo.redis_conn import reachable_or_local
+
+    model_dir = model_path(args.model)
+    hp, hp_source = rl_hyperparameters(model_dir)
+    info = machine()
+    info["trl"] = trl_version
+    load_start = loadavg()
+    print(header(info))
+    G, B = hp["group_size"], hp["batch_groups"]
+    print(
+        f"model {model_dir}; {args.steps} steps x {B} prompts x G={G} = {B * G} samples/step, "
+        f"max {hp['max_tokens']} tokens, T={hp['temperature']}, lr {hp['lr']} ({hp_source}); "
+        f"TRL {trl_version} with {args.trl_threads} torch threads"
+    )
+    rows = arith_training_rows(args.n_train)
+    torch.set_num_threads(args.trl_threads)
+    model, tok = load_policy(model_dir)
+    acc0 = held_out_accuracy(model, tok, args.n_eval)
+    del model
+    started = time.monotonic()
+    tmp = None
+    if args.work is None:
+        tmp = tempfile.TemporaryDirectory(prefix="conspo-vstrl-")
+        args.work = tmp.name
+    results = []
+    try:
+        results.append(run_trl(args, model_dir, hp, rows))
+        print(f"  trl done: {results[-1]['train_s']:.1f}s", flush=True)
+        plan = [("grpo", 1), ("conspo", 1)] if args.skip_sync else [("grpo", 0), ("grpo", 1)]
+        if not args.skip_sync:
+            plan.append(("conspo", 1))
+        with reachable_or_local(args.redis_url) as redis_url:
+            for objective, s in plan:
+                results.append(run_pipeline(objective, s, args, redis_url, model_dir, hp, rows))
+                print(f"  {results[-1]['system']} done: {results[-1]['train_s']:.1f}s", flush=True)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    base = results[0]
+    table_rows = []
+    for r in results:
+        sps = r["samples"] / r["train_s"]
+        table_rows.append(
+            [
+                r["system"],
+                r["steps"],
+                f"{r['train_s']:.1f}",
+                f"{r['total_s']:.1f}",
+                f"{sps:,.0f}",
+                f"{sps / (base['samples'] / base['train_s']):.2f}x",
+                f"{acc0:.3f} -> {r['accuracy']:.3f}",
+                f"{r['accuracy'] - acc0:+.3f}",
+            ]
+        )
+    print()
+    print(
+        table(
+            table_rows,
+            [
+                "system",
+                "steps",
+                "train wall s",
+                "incl. start-up s",
+                "samples/s",
+                "vs trl",
+                "held-out greedy",
+                "gain",
+            ],
+        )
+    )
+    mismatches = [
+        "prompt order: same training set, each side shuffles with its own RNG",
+        "group std: TRL sample std + 1e-4, pipeline population std + 1e-6",
+        f"threads: TRL one process x {args.trl_threads} torch threads (generation and training "
+        "in turn); pipeline one thread per service (generator and learner in parallel)",
+        "sampler: TRL model.generate, pipeline conspo.models.sample_groups (same distribution)",
+        "pipeline s=1: GRPO ratios against behaviour log-probs up to one version old",
+        "TRL's own set-up (model load, trainer build) is in 'incl. start-up', like the "
+        "pipeline's process start-up",
+    ]
+    print("\nmismatches not removed:\n  - " + "\n  - ".join(mismatches))
+    json_path, png_path = result_paths(args.json, "vs_trl")
+    plot(results, acc0, png_path)
+    payload = {
+        "machine": info,
+        "load_start": load_start,
+        "load_end": loadavg(),
+        "wall_s": time.monotonic() - started,
+        "config": {**vars(args), "model": str(model_dir), "hp": hp, "hp_source": hp_source},
+        "accuracy_start": acc0,
+        "results": results,
+        "mismatches": mismatches,
+        "png": str(png_path),
+    }
+    write_json(json_path, "vs_trl", payload)
+    print(f"raw numbers: {json_path}\ncurves: {png_path}")
+    summary(
+        "; ".join(
+            f"{r['system']} {r['samples'] / r['train_s']:,.0f} samples/s "
+            f"({r['samples'] / r['train_s'] / (base['samples'] / base['train_s']):.2f}x trl), "
+            f"acc {r['accuracy']:.3f}"
+            for r in results
+        )
+        + f" (start {acc0:.3f}, {args.steps} steps)"
+    )
+    lost = sum(r.get("accounting", {}).get("lost", 0) for r in results)
+    return 0 if lost == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
