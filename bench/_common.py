@@ -173,11 +173,85 @@ def mean_std(xs: list[float]) -> tuple[float, float]:
 
 
 def arith_training_rows(n_train: int | None = 4000) -> list[dict[str, str]]:
-    """Training rows of the synthetic task WITHOUT the held-out problems: the first ``n_train``
-    of ``make_split(None, DEFAULT_N_TEST, DEFAULT_SPLIT_SEED).train``, the split the learner's
-    ``arith`` evaluation holds out. (``conspo.demo.training_rows`` draws from the whole problem
-    space, held-out problems included.)"""
-    from conspo.tasks.arith import DEFAULT_N_TEST, DEFAULT_SPLIT_SEED, make_split
+    """The first ``n_train`` rows of the demo's training split (``conspo.demo.training_rows``:
+    every problem the learner's ``arith`` evaluation does not hold out)."""
+    from conspo.demo import training_rows
 
-    train = make_split(n_train, DEFAULT_N_TEST, DEFAULT_SPLIT_SEED).train
-    return [{"prompt": p.prompt, "answer": p.answer} for p in train]
+    rows = training_rows()
+    return rows if n_train is None else rows[:n_train]
+
+
+# -- the pipeline benchmarks (async_vs_sync, vs_trl) run the stack the same way ------------------
+def stack_config(
+    run: str,
+    work: str | Path,
+    redis_url: str,
+    model: Path,
+    hp: dict[str, Any],
+    *,
+    objective: str,
+    steps: int,
+    staleness: int,
+    seed: int,
+    verifiers: int = 2,
+    checkpoint_every: int = 10,
+    learner_env: dict[str, str] | None = None,
+):
+    """The demo's stack (``conspo.launch.StackConfig``) in a fresh folder, no evaluation, no PNG
+    redraws (~2 s of CPU per render here: not part of a step), quiet logs."""
+    import shutil
+
+    from conspo.launch import StackConfig
+
+    out_dir = Path(work) / run
+    shutil.rmtree(out_dir, ignore_errors=True)  # a stale checkpoint there would be resumed
+    return StackConfig(
+        run=run,
+        out_dir=out_dir,
+        redis_url=redis_url,
+        model_path=model,
+        objective=objective,
+        steps=steps,
+        batch_groups=hp["batch_groups"],
+        group_size=hp["group_size"],
+        verifiers=verifiers,
+        max_staleness=staleness,
+        seed=seed,
+        lr=hp["lr"],
+        temperature=hp["temperature"],
+        max_tokens=hp["max_tokens"],
+        eval_every=0,
+        checkpoint_every=checkpoint_every,
+        log_level="WARNING",
+        env={"learner": {"CONSPO_PLOT_EVERY": "0", **(learner_env or {})}},
+    )
+
+
+def final_accounting(cfg: Any) -> dict[str, int]:
+    """Where every submitted prompt went, read after ``stop()`` (which closes the stack's own
+    client); the run's keys are deleted afterwards."""
+    from conspo.launch import LocalStack
+    from conspo.testing import delete_run
+
+    after = LocalStack(cfg)
+    try:
+        accounting = after.accounting()
+        delete_run(after.client, cfg.run)
+    finally:
+        after.client.close()
+    return accounting
+
+
+def train_records(path: Path) -> list[dict[str, Any]]:
+    """The learner's per-step records (``kind == "train"``) of a ``metrics.jsonl``, by step; a
+    torn last line (a learner killed mid-write) is skipped."""
+    out = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if rec.get("kind") == "train":
+                out.append(rec)
+    return sorted(out, key=lambda r: r["step"])

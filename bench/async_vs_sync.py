@@ -34,7 +34,6 @@ Redis: ``--redis-url`` or $CONSPO_REDIS_URL if it answers, else a private redis-
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shutil
@@ -50,21 +49,23 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
     arith_training_rows,
+    final_accounting,
     header,
     loadavg,
     machine,
     model_path,
     result_paths,
     rl_hyperparameters,
+    stack_config,
     summary,
     table,
+    train_records,
     write_json,
 )
 
-from conspo.launch import LocalStack, StackConfig
+from conspo.launch import LocalStack
 from conspo.protocol import DecodeError, LabeledGroup, RolloutGroup, decode
 from conspo.redis_conn import reachable_or_local
-from conspo.testing import delete_run
 
 log = logging.getLogger("bench.async_vs_sync")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -106,19 +107,6 @@ def tree_cpu(pids: dict[str, int]) -> dict[str, float]:
 
 
 # -- reading the run back --------------------------------------------------------------------------
-def read_records(path: Path) -> list[dict[str, Any]]:
-    out = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if rec.get("kind") == "train":
-                out.append(rec)
-    return sorted(out, key=lambda r: r["step"])
-
-
 def engine_seconds(stack: LocalStack) -> dict[str, float]:
     """Per-group engine seconds of the generator and per-group verify seconds, from the streams
     (``gen_seconds`` is the wall time of the engine call that produced a group, shared by every
@@ -191,28 +179,11 @@ def run_mode(
 ) -> dict[str, Any]:
     run = f"avs-s{staleness}-r{rep}-{uuid.uuid4().hex[:6]}"
     out_dir = Path(args.work) / run
-    shutil.rmtree(out_dir, ignore_errors=True)  # a stale checkpoint there would be resumed
-    cfg = StackConfig(
-        run=run,
-        out_dir=out_dir,
-        redis_url=redis_url,
-        model_path=model,
-        objective=args.objective,
-        steps=args.steps,
-        batch_groups=hp["batch_groups"],
-        group_size=hp["group_size"],
-        verifiers=args.verifiers,
-        max_staleness=staleness,
-        seed=args.seed,
-        lr=hp["lr"],
-        temperature=hp["temperature"],
-        max_tokens=hp["max_tokens"],
-        eval_every=0,
-        checkpoint_every=args.checkpoint_every,
-        log_level="WARNING",
-        # The PNG redraw costs ~2 s of CPU per render on this machine: not part of a step.
-        env={"learner": {"CONSPO_PLOT_EVERY": "0"}},
-    )
+    cfg = stack_config(
+        run, args.work, redis_url, model, hp,
+        objective=args.objective, steps=args.steps, staleness=staleness, seed=args.seed,
+        verifiers=args.verifiers, checkpoint_every=args.checkpoint_every,
+    )  # fmt: skip
     stack = LocalStack(cfg)
     t0 = time.monotonic()
     cpu0: dict[str, float] = {}
@@ -230,13 +201,8 @@ def run_mode(
         streams = engine_seconds(stack)
     finally:
         codes = stack.stop()
-    after = LocalStack(cfg)  # stop() closed the first one's client
-    try:
-        accounting = after.accounting()
-        delete_run(after.client, run)
-    finally:
-        after.client.close()
-    records = read_records(out_dir / run / "metrics.jsonl")
+    accounting = final_accounting(cfg)
+    records = train_records(out_dir / run / "metrics.jsonl")
     result = analyse(records, args.warm, streams)
     cpu = {name: cpu1.get(name, 0.0) - cpu0.get(name, 0.0) for name in cpu1}
     by_service: dict[str, float] = {}

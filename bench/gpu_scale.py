@@ -11,8 +11,9 @@ tiny). Weights are random: nothing here measures learning, only time.
 - learner: ``Trainer.step`` (services.learner.step: teacher-forced log-probs, objective,
   backward, clip, AdamW) on exactly those completions, fp32 master weights under bf16 autocast,
   for each ``--objectives`` (the ConSPO / GRPO ratio is the objective's overhead at scale);
-- weight hand-off: the bf16 device-to-host copy a gloo push starts with, and loading a state
-  dict into the generator's model (what a generator does on receipt).
+- weight hand-off: the bf16 device-to-host copy a gloo push starts with (the parameter list a
+  ``weight_sync_dtype=bfloat16`` learner sends), and ``HFBackend.load_weights`` of it (what a
+  generator does on receipt).
 
 Rewards are synthetic (the first half of each group "correct"): a random model solves nothing,
 and the step's cost does not depend on the labels. The ideal asynchronous speed-up
@@ -43,6 +44,7 @@ from services.generator.backends.hf import HFBackend
 from services.learner.data import TrainGroup
 from services.learner.distributed import DistContext
 from services.learner.step import TrainConfig, Trainer
+from services.learner.sync import parameter_list
 
 log = logging.getLogger("bench.gpu_scale")
 
@@ -157,10 +159,12 @@ def main(argv: list[str] | None = None) -> int:
 
     _sync(device)
     t = time.perf_counter()
-    host = {k: v.detach().to(torch.bfloat16).cpu() for k, v in train_model.state_dict().items()}
+    # What a bf16 push sends (services.learner.sync.parameter_list: tied weights once), on host.
+    pushed = parameter_list(train_model, None, dtype=torch.bfloat16)
+    host = {name: t.cpu() for name, t in pushed}
     t_d2h = time.perf_counter() - t
     t = time.perf_counter()
-    gen_model.load_state_dict({k: v.to(device) for k, v in host.items()})
+    backend.load_weights({k: v.to(device) for k, v in host.items()})
     _sync(device)
     t_load = time.perf_counter() - t
     weight_bytes = sum(v.numel() * v.element_size() for v in host.values())

@@ -35,7 +35,6 @@ with status 2 and says so. Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shutil
@@ -50,14 +49,17 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
     arith_training_rows,
+    final_accounting,
     header,
     loadavg,
     machine,
     model_path,
     result_paths,
     rl_hyperparameters,
+    stack_config,
     summary,
     table,
+    train_records,
     write_json,
 )
 
@@ -176,34 +178,18 @@ def run_pipeline(
     hp: dict,
     rows: list[dict],
 ) -> dict:
-    from conspo.launch import LocalStack, StackConfig
+    from conspo.launch import LocalStack
     from conspo.models.tiny import load_policy
-    from conspo.testing import delete_run
     from services.learner.checkpoint import CheckpointManager
 
     run = f"vstrl-{objective}-s{staleness}-{uuid.uuid4().hex[:6]}"
     out_dir = Path(args.work) / run
-    shutil.rmtree(out_dir, ignore_errors=True)
-    cfg = StackConfig(
-        run=run,
-        out_dir=out_dir,
-        redis_url=redis_url,
-        model_path=model_dir,
-        objective=objective,
-        steps=args.steps,
-        batch_groups=hp["batch_groups"],
-        group_size=hp["group_size"],
-        verifiers=2,
-        max_staleness=staleness,
-        seed=args.seed,
-        lr=hp["lr"],
-        temperature=hp["temperature"],
-        max_tokens=hp["max_tokens"],
-        eval_every=0,
-        checkpoint_every=10,
-        log_level="WARNING",
-        env={"learner": {"CONSPO_PLOT_EVERY": "0", "CONSPO_SKIP_UNINFORMATIVE": "false"}},
-    )
+    # Like TRL, every step trains on exactly B prompts' groups, informative or not.
+    cfg = stack_config(
+        run, args.work, redis_url, model_dir, hp,
+        objective=objective, steps=args.steps, staleness=staleness, seed=args.seed,
+        learner_env={"CONSPO_SKIP_UNINFORMATIVE": "false"},
+    )  # fmt: skip
     stack = LocalStack(cfg)
     t0 = time.monotonic()
     try:
@@ -214,18 +200,8 @@ def run_pipeline(
         t2 = time.monotonic()
     finally:
         stack.stop()
-    after = LocalStack(cfg)
-    try:
-        accounting = after.accounting()
-        delete_run(after.client, run)
-    finally:
-        after.client.close()
-    records = []
-    metrics = out_dir / run / "metrics.jsonl"
-    for line in metrics.read_text().splitlines():
-        rec = json.loads(line)
-        if rec.get("kind") == "train":
-            records.append(rec)
+    accounting = final_accounting(cfg)
+    records = train_records(out_dir / run / "metrics.jsonl")
     latest = CheckpointManager(out_dir / run / "checkpoints", keep=3).latest()
     if latest is None:
         raise RuntimeError(f"{run}: the learner left no checkpoint")

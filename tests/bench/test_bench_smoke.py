@@ -134,3 +134,21 @@ def test_vs_trl_smoke(tmp_path, redis_url):
     for r in data["results"]:
         assert r["steps"] == data["config"]["steps"]
         assert 0.0 <= r["accuracy"] <= 1.0
+
+
+def test_gpu_scale_smoke_on_cpu(tmp_path):
+    # The GPU variant (a Qwen2.5-0.5B body) runs on a lent GPU only; its smoke mode runs the same
+    # code path (hf generation, Trainer.step per objective, weight hand-off) on a 2-layer model.
+    out = tmp_path / "gpu_scale.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "gpu_scale.py"), "--smoke", "--device", "cpu",
+         "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=180, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert set(data["train_step_s"]) == {"conspo", "grpo", "gspo"}
+    assert data["generation"]["tokens"] > 0
+    assert data["weights"]["bytes"] == 2 * data["config"]["parameters"]  # bf16
+    assert 1.0 <= data["ideal_async_speedup"] <= 2.0
+    assert "summary:" in proc.stdout

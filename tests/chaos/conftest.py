@@ -899,7 +899,7 @@ def wait_until(predicate: Callable[[], object], timeout: float, what: str, every
 @pytest.fixture(scope="session")
 def kit() -> SimpleNamespace:
     """The harness's helpers for test modules (test folders are not packages: see
-    docs/CONTRIBUTING-helpers.md)."""
+    docs/contributing.md)."""
     return SimpleNamespace(
         LONG=LONG,
         PROGRESS_TIMEOUT_S=PROGRESS_TIMEOUT_S,
