@@ -108,6 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         args.prompts, args.max_tokens, args.steps = 4, 16, 1
     device = torch.device(args.device)
+    if device.type == "cpu" and not args.smoke:
+        # 358M parameters x 32 x 8 x 128 sampled tokens would take hours on a few cores.
+        print("gpu_scale.py is the GPU variant: run it on a CUDA device, or with --smoke "
+              "(a 2-layer model) on the CPU", file=sys.stderr)  # fmt: skip
+        return 2
     info = machine()
     print(header(info), flush=True)
     torch.manual_seed(0)
