@@ -161,7 +161,7 @@ class LocalStack:
                 "CONSPO_BATCH_GROUPS": c.batch_groups,
                 "CONSPO_PROMPTS_PER_BATCH": min(c.batch_groups, 32),
                 "CONSPO_HF_SEED_MODE": "batch",
-                "CONSPO_POLL_MS": 100,
+                "CONSPO_POLL_MS": 20,  # hand-off latency of every synchronous step
                 "CONSPO_CPU_THREADS": c.threads,
                 "CONSPO_WEIGHT_SYNC_BACKEND": "gloo",
             },
