@@ -112,8 +112,7 @@ def result_paths(json_arg: str | Path | None, name: str) -> tuple[Path, Path]:
 def model_path(arg: str | Path | None) -> Path:
     """``--model`` or the bundled warm-started checkpoint (``conspo.models.default_checkpoint``).
 
-    Exits with a clear message when neither holds a checkpoint (the bundled asset is committed
-    separately; until then pass ``--model``)."""
+    Exits with a clear message when the folder holds no checkpoint."""
     from conspo.models import default_checkpoint
 
     path = Path(arg) if arg else Path(default_checkpoint())

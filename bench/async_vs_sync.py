@@ -178,12 +178,12 @@ def run_mode(
     staleness: int, rep: int, args: argparse.Namespace, redis_url: str, model: Path, hp: dict
 ) -> dict[str, Any]:
     run = f"avs-s{staleness}-r{rep}-{uuid.uuid4().hex[:6]}"
-    out_dir = Path(args.work) / run
     cfg = stack_config(
         run, args.work, redis_url, model, hp,
         objective=args.objective, steps=args.steps, staleness=staleness, seed=args.seed,
         verifiers=args.verifiers, checkpoint_every=args.checkpoint_every,
     )  # fmt: skip
+    out_dir = cfg.out_dir
     stack = LocalStack(cfg)
     t0 = time.monotonic()
     cpu0: dict[str, float] = {}

@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     host = {name: t.cpu() for name, t in pushed}
     t_d2h = time.perf_counter() - t
     t = time.perf_counter()
-    backend.load_weights({k: v.to(device) for k, v in host.items()})
+    backend.load_weights(host)  # host -> device copy and cast, as a generator receives them
     _sync(device)
     t_load = time.perf_counter() - t
     weight_bytes = sum(v.numel() * v.element_size() for v in host.values())

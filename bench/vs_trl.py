@@ -183,13 +183,13 @@ def run_pipeline(
     from services.learner.checkpoint import CheckpointManager
 
     run = f"vstrl-{objective}-s{staleness}-{uuid.uuid4().hex[:6]}"
-    out_dir = Path(args.work) / run
     # Like TRL, every step trains on exactly B prompts' groups, informative or not.
     cfg = stack_config(
         run, args.work, redis_url, model_dir, hp,
         objective=objective, steps=args.steps, staleness=staleness, seed=args.seed,
         learner_env={"CONSPO_SKIP_UNINFORMATIVE": "false"},
     )  # fmt: skip
+    out_dir = cfg.out_dir
     stack = LocalStack(cfg)
     t0 = time.monotonic()
     try:

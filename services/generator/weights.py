@@ -137,9 +137,10 @@ def template_from_specs(specs: list[list[Any]]) -> TensorList:
     ]
 
 
-def resolve_sync_dtype(setting: str, default: torch.dtype) -> torch.dtype | None:
-    """``auto`` -> ``default`` (None = the model's own dtype); otherwise the named dtype."""
-    return default if setting == "auto" else dtype_from_name(setting)
+def sync_dtype(setting: str) -> torch.dtype:
+    """The dtype the learner sends: a generator's ``weight_sync_dtype`` (``auto``: float32, the
+    learner's default), whatever dtype its engine serves in; both backends cast on load."""
+    return torch.float32 if setting == "auto" else dtype_from_name(setting)
 
 
 # -- late join -------------------------------------------------------------------------------------
@@ -180,10 +181,9 @@ def initial_load(client: redis.Redis, keys: Any, backend: Any, loaded_version: i
 
 # -- the in-process (hf) path ---------------------------------------------------------------------
 def hf_template(model: torch.nn.Module, weight_sync_dtype: str) -> TensorList:
-    """What the hf engine expects from the learner: its parameters in the LEARNER's dtype
-    (``auto``: float32 master weights), not the engine's own (bf16 on a GPU); ``load_weights``
-    casts on receipt."""
-    return template_from_model(model, resolve_sync_dtype(weight_sync_dtype, torch.float32))
+    """What the hf engine expects from the learner: its parameters in the LEARNER's dtype, not
+    the engine's own (bf16 on a GPU); ``load_weights`` casts on receipt."""
+    return template_from_model(model, sync_dtype(weight_sync_dtype))
 
 
 def start_hf_sync(runtime: ServiceRuntime, settings: GeneratorSettings, backend: Any) -> WeightSync:

@@ -41,8 +41,6 @@ from collections.abc import Coroutine, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-import torch
-
 from conspo.protocol import Completion, Rendezvous, SamplingParams
 from conspo.settings import GeneratorSettings
 from services.generator.backends.base import (
@@ -120,13 +118,11 @@ class VLLMBackend:
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_path), local_files_only=True)
         self.max_model_len = int(self.engine.model_config.max_model_len)
         engine_dtype = self.engine.model_config.dtype
-        sync_dtype = (
-            torch.float32 if weight_sync_dtype == "auto" else getattr(torch, weight_sync_dtype)
-        )
-        from services.generator.weights import specs_of, template_from_config
+        from services.generator.weights import specs_of, sync_dtype, template_from_config
 
         #: The Hugging Face (name, meta tensor) list the learner sends; what the worker expects.
-        self.weight_template = template_from_config(self.model_path, sync_dtype)
+        sent_dtype = sync_dtype(weight_sync_dtype)
+        self.weight_template = template_from_config(self.model_path, sent_dtype)
         self._specs = specs_of(self.weight_template)
         log.info(
             "vllm backend: %s, engine dtype %s, context %d, tp %d, weight sync as %s",
@@ -134,7 +130,7 @@ class VLLMBackend:
             engine_dtype,
             self.max_model_len,
             tensor_parallel_size,
-            sync_dtype,
+            sent_dtype,
         )
 
     @classmethod
