@@ -1,11 +1,13 @@
 """``conspo demo``: the embedded default, one command on a machine with no GPU and no Docker.
 
-It takes the bundled warm-started tiny arithmetic model (or redoes the warm start with
-``--fresh``), uses the Redis at ``$CONSPO_REDIS_URL`` / 127.0.0.1:6379 if one answers (else starts
-a private ``redis-server``), spawns the api, one ``hf`` generator, the verifiers and the learner as
-subprocesses (``conspo.launch.LocalStack``), submits the task's training split through the REST
-API, shows live progress and ends with held-out greedy accuracy before and after, the fate of
-every submitted prompt, and the path of the learning-curve PNG.
+It takes a bundled task (``--task``, default ``arith``; ``conspo.tasks.registry`` holds
+everything task-specific: model, data, verifier, budget, RL settings) with its warm-started tiny
+model (or redoes the warm start with ``--fresh``), uses the Redis at ``$CONSPO_REDIS_URL`` /
+127.0.0.1:6379 if one answers (else starts a private ``redis-server``), spawns the api, one
+``hf`` generator, the verifiers and the learner as subprocesses (``conspo.launch.LocalStack``),
+submits the task's training split through the REST API, shows live progress and ends with
+held-out greedy accuracy before and after, the fate of every submitted prompt, and the path of
+the learning-curve PNG.
 
 The run is a function of its seed: the run name, the data order, the sampling seeds and the
 learner's initialisation all derive from it. The asynchronous schedule itself (which groups land
@@ -29,22 +31,18 @@ from conspo.launch import LocalStack, StackConfig
 from conspo.logs import setup as setup_logging
 from conspo.redis_conn import reachable_or_local
 from conspo.state import RunStore
+from conspo.tasks.registry import DEFAULT_TASK, Task, get_task
 
 log = logging.getLogger("conspo.demo")
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
 
-# Tuned on a 2-core CPU (docs/benchmarks.md): enough steps for a +15-point gain, under 10 min.
+# Not task-specific; the steps, batch, lr and evaluation come from the task (its ``rl`` table,
+# tuned on a 2-core CPU: docs/benchmarks.md).
 DEFAULTS: dict[str, Any] = {
-    "steps": 200,
     "objective": "conspo",
     "verifiers": 2,
     "seed": 0,
     "max_staleness": 1,
-    "batch_groups": 32,
-    "group_size": 8,
-    "lr": 1e-4,
-    "eval_every": 25,
-    "eval_samples": 500,
 }
 
 
@@ -53,39 +51,46 @@ def _arg(args: argparse.Namespace, name: str) -> Any:
     return DEFAULTS[name] if value is None else value
 
 
+def _task(args: argparse.Namespace) -> Task:
+    return get_task(getattr(args, "task", None))
+
+
 def build_config(args: argparse.Namespace, redis_url: str, model: Path) -> StackConfig:
+    task = _task(args)
     seed = int(_arg(args, "seed"))
-    out = Path(args.out) if getattr(args, "out", None) else Path("runs") / f"demo-s{seed}"
+    run = f"demo-s{seed}" if task.name == DEFAULT_TASK else f"demo-{task.name}-s{seed}"
+    out = Path(args.out) if getattr(args, "out", None) else Path("runs") / run
+    steps = getattr(args, "steps", None)
     return StackConfig(
-        run=f"demo-s{seed}",
+        run=run,
         out_dir=out,
         redis_url=redis_url,
         model_path=model,
         objective=_arg(args, "objective"),
-        steps=int(_arg(args, "steps")),
-        batch_groups=DEFAULTS["batch_groups"],
-        group_size=DEFAULTS["group_size"],
+        steps=int(task.rl.steps if steps is None else steps),
+        batch_groups=task.rl.batch_groups,
+        group_size=task.rl.group_size,
         verifiers=int(_arg(args, "verifiers")),
         max_staleness=int(_arg(args, "max_staleness")),
         seed=seed,
-        lr=DEFAULTS["lr"],
-        eval_every=DEFAULTS["eval_every"],
-        eval_samples=DEFAULTS["eval_samples"],
+        lr=task.rl.lr,
+        temperature=task.rl.temperature,
+        max_tokens=task.max_tokens,
+        eval_set=task.name,
+        eval_every=task.rl.eval_every,
+        eval_samples=task.rl.eval_samples,
         checkpoint_every=10,
         log_level="WARNING" if getattr(args, "quiet", False) else "INFO",
     )
 
 
-def training_rows() -> list[dict[str, str]]:
+def training_rows(task: str | None = None) -> list[dict[str, str]]:
     """The task's canonical training split: disjoint from the learner's held-out problems.
 
     The demo's seed does not pick the problems (that could leak held-out ones into training);
     it shuffles the order in which the api feeds them.
     """
-    from conspo.tasks.arith import DEFAULT_N_TEST, DEFAULT_SPLIT_SEED, make_split
-
-    split = make_split(n_train=None, n_test=DEFAULT_N_TEST, seed=DEFAULT_SPLIT_SEED)
-    return [{"prompt": p.prompt, "answer": p.answer} for p in split.train]
+    return get_task(task).training_rows()
 
 
 class Progress:
@@ -144,7 +149,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from conspo.models import ensure_checkpoint
 
     started = time.monotonic()
-    model = ensure_checkpoint(None, fresh=bool(getattr(args, "fresh", False)))
+    task = _task(args)
+    model = ensure_checkpoint(None, fresh=bool(getattr(args, "fresh", False)), task=task.name)
     seed = int(_arg(args, "seed"))
     with reachable_or_local(os.environ.get("CONSPO_REDIS_URL") or DEFAULT_REDIS) as redis_url:
         cfg = build_config(args, redis_url, model)
@@ -153,8 +159,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         log.info("run %s: model %s, redis %s, logs in %s", cfg.run, model, redis_url, stack.log_dir)
         try:
             stack.start()
-            rows = training_rows()
-            stack.submit_dataset(rows, epochs=10, name="arith-train")
+            rows = task.training_rows()
+            stack.submit_dataset(rows, epochs=10, name=f"{task.name}-train", verifier=task.verifier)
             stack.wait_finished(
                 timeout=3600, on_tick=Progress(cfg.steps, getattr(args, "quiet", False))
             )
@@ -167,6 +173,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         accounting = LocalStack(cfg).accounting()
     summary = {
         "run": cfg.run,
+        "task": task.name,
         "objective": cfg.objective,
         "steps": cfg.steps,
         "seed": seed,
@@ -193,7 +200,8 @@ def main(args: argparse.Namespace) -> int:
     before, after = summary["accuracy_before"], summary["accuracy_after"]
     acc = summary["accounting"]
     print(
-        f"\nheld-out greedy accuracy: {_pct(before)} -> {_pct(after)}  ({summary['objective']}, "
+        f"\nheld-out greedy accuracy: {_pct(before)} -> {_pct(after)}  ({summary['task']}, "
+        f"{summary['objective']}, "
         f"{summary['steps']} steps, {summary['wall_seconds']:.0f}s)"
     )
     print(

@@ -6,7 +6,8 @@ import argparse
 
 
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--steps", type=int, default=None, help="learner steps")
+    p.add_argument("--task", default=None, help="bundled task: arith (default) or chain")
+    p.add_argument("--steps", type=int, default=None, help="learner steps (default: the task's)")
     p.add_argument("--objective", default=None, help="conspo, grpo, dr_grpo, dapo, gspo, ...")
     p.add_argument("--verifiers", type=int, default=None, help="verifier replicas")
     p.add_argument("--seed", type=int, default=None)

@@ -63,6 +63,7 @@ class StackConfig(BaseModel):
     lr: float = 1e-4
     temperature: float = 1.0
     max_tokens: int = 8
+    eval_set: str = "arith"
     eval_every: int = 0
     eval_samples: int = 200
     checkpoint_every: int = 10
@@ -175,6 +176,7 @@ class LocalStack:
                 "CONSPO_LR": c.lr,
                 "CONSPO_SEED": c.seed,
                 "CONSPO_CHECKPOINT_EVERY": c.checkpoint_every,
+                "CONSPO_EVAL_SET": c.eval_set,
                 "CONSPO_EVAL_EVERY": c.eval_every,
                 "CONSPO_EVAL_SAMPLES": c.eval_samples,
                 "CONSPO_NUM_THREADS": c.threads,
@@ -292,13 +294,15 @@ class LocalStack:
             timeout=timeout,
         )
 
-    def submit_dataset(self, rows: list[dict[str, Any]], *, epochs: int, name: str) -> dict:
+    def submit_dataset(
+        self, rows: list[dict[str, Any]], *, epochs: int, name: str, verifier: str = "arith"
+    ) -> dict:
         body = {
             "name": name,
             "rows": rows,
             "prompt_field": "prompt",
             "answer_field": "answer",
-            "verifier": "arith",
+            "verifier": verifier,
             "epochs": epochs,
             "seed": self.cfg.seed,
             "shuffle": True,

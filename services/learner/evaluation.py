@@ -1,8 +1,9 @@
 """Held-out evaluation: greedy accuracy and sampled avg@k, as the paper reports them.
 
-- ``arith``: the synthetic task's test split (the split every component agrees on, see
-  ``conspo.tasks.arith``), first ``eval_samples`` problems, graded by ``arith.score`` (the
-  ``arith`` verifier's rule).
+- a bundled task's name (``arith``, ``chain``: ``conspo.tasks.registry``): the first
+  ``eval_samples`` problems of its held-out split (the split every component agrees on),
+  graded by the task's own in-process rule (the rule of the verifier the pipeline uses for it)
+  with the task's generation budget.
 - ``math500`` / ``aime24`` / ``amc23``: read in place from ``conspo.paths.shared_data_dir()``,
   prompted with the model's chat template and the Qwen2.5-Math instruction to box the answer,
   graded by the verifier registry's ``math`` verifier (math-verify). The verifier package is
@@ -28,12 +29,12 @@ from transformers import PreTrainedTokenizerBase
 
 from conspo.models.sampling import sample_groups
 from conspo.paths import shared_data_dir
+from conspo.tasks.registry import TASKS
 
 log = logging.getLogger(__name__)
 
 MATH_SETS = {"math500": "math500.jsonl", "aime24": "aime24.jsonl", "amc23": "amc23.jsonl"}
 MATH_INSTRUCTION = "\nPlease reason step by step, and put your final answer within \\boxed{}."
-ARITH_MAX_TOKENS = 8
 MATH_MAX_TOKENS = 1024
 
 
@@ -54,20 +55,14 @@ def _answer_text(value: Any) -> str:
 
 
 def load_eval_set(name: str, n: int, data_dir: Path | None = None) -> EvalSet:
-    if name == "arith":
-        from conspo.tasks.arith import DEFAULT_N_TEST, DEFAULT_SPLIT_SEED, make_split, score
-
-        test = make_split(0, DEFAULT_N_TEST, DEFAULT_SPLIT_SEED).test[:n]
-        return EvalSet(
-            name,
-            [p.prompt for p in test],
-            [p.answer for p in test],
-            score,
-            ARITH_MAX_TOKENS,
-            chat=False,
-        )
+    if name in TASKS:
+        task = TASKS[name]
+        test = task.test_problems(n)
+        prompts, answers = [p.prompt for p in test], [p.answer for p in test]
+        return EvalSet(name, prompts, answers, task.grade, task.max_tokens, chat=False)
     if name not in MATH_SETS:
-        raise ValueError(f"unknown eval_set {name!r}: use arith, {', '.join(MATH_SETS)}")
+        valid = ", ".join([*TASKS, *MATH_SETS])
+        raise ValueError(f"unknown eval_set {name!r}: use one of {valid}")
     path = (data_dir or shared_data_dir()) / MATH_SETS[name]
     prompts, answers = [], []
     with path.open() as f:

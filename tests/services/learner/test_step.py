@@ -103,6 +103,18 @@ def test_micro_batches_accumulate_the_full_batch_gradient(
     assert any(g.abs().sum() > 0 for g in whole.values())
 
 
+def test_each_objective_gets_its_own_margin_schedule(model_path):
+    def margins(objective: str) -> list[float]:
+        trainer = _trainer(model_path, objective=objective, margin=0.02, margin_warmup=0.5)
+        return [trainer.margin_at(step, 10) for step in (0, 5, 9)]
+
+    assert margins("conspo") == pytest.approx([0.0, 0.02, 0.02])  # cosine ramp over 5 steps
+    assert margins("conspo_linear") == pytest.approx([0.0, 0.02, 0.02])
+    assert margins("conspo_fixedmargin") == pytest.approx([0.02, 0.02, 0.02])
+    assert margins("conspo_nomargin") == [0.0, 0.0, 0.0]
+    assert margins("grpo") == [0.0, 0.0, 0.0]
+
+
 def test_lr_schedules_follow_their_definitions():
     f = lambda s, sched: lr_factor(s, warmup=4, total=20, schedule=sched)  # noqa: E731
     assert [f(s, "constant") for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
