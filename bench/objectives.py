@@ -275,7 +275,9 @@ def train_one(job: dict[str, Any]) -> dict[str, Any]:
                 stats = trainer.step(chosen, step, steps)
                 point["loss"] = stats.loss
                 point["margin"] = stats.margin
-                for key in ("score_gap", "mean_p_pos", "mean_p_pos_uniform"):
+                point["grad_norm"] = stats.grad_norm
+                keys = ("score_gap", "mean_p_pos", "mean_p_pos_uniform", "clip_frac_low")
+                for key in (*keys, "clip_frac_high", "kl"):
                     if key in stats.diagnostics:
                         point[key] = stats.diagnostics[key]
             step += 1
@@ -427,16 +429,19 @@ def main() -> int:
     ap.add_argument("--lr", type=float, default=None, help="override the task's learning rate")
     ap.add_argument("--workers", type=int, default=None, help="default: one per core")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per worker")
-    ap.add_argument("--smoke", action="store_true", help="1 seed, 4 steps, 40 held-out problems")
+    ap.add_argument(
+        "--smoke", action="store_true", help="4 steps, 40 held-out problems, 1 seed unless --seeds"
+    )
     ap.add_argument("--json", default=None, help="results file (PNG next to it unless --png)")
     ap.add_argument("--png", default=None, help="plot file (e.g. docs/img/objectives-chain.png)")
     args = ap.parse_args()
+    if args.smoke:
+        args.seeds = args.seeds or [0]
+        args.steps, args.eval_every, args.n_eval = 4, 2, 40
     size = SIZES.get(args.task, FALLBACK_SIZE)
     for key, value in size.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.smoke:
-        args.seeds, args.steps, args.eval_every, args.n_eval = args.seeds[:1], 4, 2, 40
     if args.rollout_prompts % args.updates:
         raise SystemExit("--rollout-prompts must be a multiple of --updates")
     if args.steps < 1 or args.eval_every < 1:

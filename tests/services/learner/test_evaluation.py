@@ -6,6 +6,7 @@ import pytest
 
 from conspo.models.sft import evaluate
 from conspo.tasks.arith import make_split
+from conspo.tasks.registry import get_task
 from services.learner.evaluation import Evaluator, load_eval_set
 
 
@@ -20,6 +21,24 @@ def test_arith_greedy_accuracy_matches_the_warm_start_evaluator(tiny):
     assert 0.0 <= record["avg@2"] <= 1.0
     assert (record["step"], record["set"], record["n"]) == (3, "arith", 24)
     assert ev.run(model, step=3)["avg@2"] == record["avg@2"]  # seeded sampling
+
+
+def test_chain_eval_set_is_the_task_held_out_split_graded_by_the_math_verifier():
+    task = get_task("chain")
+    eval_set = load_eval_set("chain", 30)
+    test = task.test_problems(30)
+    assert eval_set.prompts == [p.prompt for p in test]
+    assert eval_set.answers == [p.answer for p in test]
+    assert eval_set.max_tokens == task.max_tokens
+    assert not eval_set.chat
+    for p in test:
+        assert eval_set.grade(p.solution, p.answer)
+        assert not eval_set.grade(p.solution.replace("boxed", "box"), p.answer)  # no answer
+
+
+def test_unknown_eval_set_names_the_valid_ones():
+    with pytest.raises(ValueError, match="chain"):
+        load_eval_set("gsm9k", 3)
 
 
 @pytest.mark.parametrize("name", ["math500", "aime24", "amc23"])
