@@ -110,6 +110,9 @@ SIZES: dict[str, dict[str, Any]] = {
     },
 }
 FALLBACK_SIZE = SIZES["chain"]
+#: The settings ``--from`` takes from the stored results (what decided the runs).
+REPLAYED = ("task", "objectives", "seeds", "steps", "rollout_prompts", "updates", "eval_every")
+REPLAYED += ("n_eval", "k", "threads")
 #: Two-sided 95% quantiles of Student's t by degrees of freedom (1.96 beyond the table).
 T_CRIT_95 = {
     1: 12.706,
@@ -166,49 +169,104 @@ def _mean(xs: list[float]) -> float:
     return statistics.fmean(xs) if xs else float("nan")
 
 
+def _trainer(job: dict[str, Any], spec: str, model: Any, tok: Any) -> Any:
+    """The learner's ``Trainer`` for objective ``spec`` with the run's settings."""
+    from services.learner.distributed import DistContext
+    from services.learner.step import TrainConfig, Trainer
+
+    name, params = parse_spec(spec)
+    config = TrainConfig(
+        objective=name,
+        objective_params=objective_params(name, params, job["max_tokens"]),
+        lr=job["lr"],
+        total_steps=job["steps"],
+        bf16=False,
+        log_entropy=False,
+    )
+    eos = tok.eos_token_id if tok.eos_token_id is not None else 0
+    bos = tok.bos_token_id if tok.bos_token_id is not None else eos
+    return Trainer(config, model, DistContext(), pad_id=tok.pad_token_id, dummy_ids=(bos, eos))
+
+
+def label_groups(
+    task: Any,
+    problems: list[Any],
+    ids: list[list[int]],
+    groups: list[list[Any]],
+    job: dict,
+    tag: str,
+) -> tuple[list[Any], list[float], dict[bool, list[int]]]:
+    """Grade every completion; the informative groups as the learner builds them, every
+    reward, and completion lengths by correctness."""
+    from services.learner.data import TrainGroup
+
+    chosen, rewards_seen, lengths = [], [], {True: [], False: []}
+    for i, (problem, group) in enumerate(zip(problems, groups, strict=True)):
+        rewards = tuple(float(task.grade(s.text, problem.answer)) for s in group)
+        rewards_seen.extend(rewards)
+        for s, r in zip(group, rewards, strict=True):
+            lengths[r > 0].append(len(s.token_ids))
+        if len(set(rewards)) <= 1:
+            continue  # no contrast: the learner skips these (skip_uninformative)
+        chosen.append(
+            TrainGroup(
+                group_id=f"{tag}-{i}",
+                prompt_ids=tuple(ids[i]),
+                completions=tuple(tuple(s.token_ids) for s in group),
+                behaviour_logprobs=tuple(tuple(s.logprobs) for s in group),
+                rewards=rewards,
+                correct=tuple(r > 0 for r in rewards),
+                temperature=job["temperature"],
+                max_tokens=job["max_tokens"],
+                policy_version=0,
+            )
+        )
+    return chosen, rewards_seen, lengths
+
+
+def _sample(model: Any, tok: Any, problems: list[Any], job: dict, seed: int) -> tuple:
+    from conspo.models.sampling import sample_groups
+    from conspo.models.sft import prompt_token_ids
+
+    ids = prompt_token_ids(tok, problems)
+    groups = sample_groups(
+        model,
+        tok,
+        ids,
+        n=job["group_size"],
+        temperature=job["temperature"],
+        max_new_tokens=job["max_tokens"],
+        seed=seed,
+    )
+    return ids, groups
+
+
 def train_one(job: dict[str, Any]) -> dict[str, Any]:
     """One (objective, seed) run; executed in a worker process."""
     import torch
 
-    from conspo.models.sampling import sample_groups
-    from conspo.models.sft import prompt_token_ids
     from conspo.models.tiny import load_policy
     from conspo.tasks.arith import iter_batches
     from conspo.tasks.registry import get_task
-    from services.learner.data import TrainGroup
-    from services.learner.distributed import DistContext
     from services.learner.evaluation import Evaluator, load_eval_set
-    from services.learner.step import TrainConfig, Trainer
 
     started = time.perf_counter()
     torch.set_num_threads(job["threads"])
     torch.manual_seed(job["seed"])
     task = get_task(job["task"])
     model, tok = load_policy(job["model"])
-    train = task.split().train
-    steps, G, T, budget = job["steps"], job["group_size"], job["temperature"], job["max_tokens"]
-    name, params = parse_spec(job["objective"])
-    config = TrainConfig(
-        objective=name,
-        objective_params=objective_params(name, params, budget),
-        lr=job["lr"],
-        total_steps=steps,
-        bf16=False,
-        log_entropy=False,
-    )
-    eos = tok.eos_token_id if tok.eos_token_id is not None else 0
-    bos = tok.bos_token_id if tok.bos_token_id is not None else eos
-    trainer = Trainer(config, model, DistContext(), pad_id=tok.pad_token_id, dummy_ids=(bos, eos))
+    steps = job["steps"]
+    trainer = _trainer(job, job["objective"], model, tok)
     evaluator = Evaluator(
         tok,
         load_eval_set(task.name, job["n_eval"]),
         k=job["k"],
         temperature=0.6,
         top_p=0.95,
-        max_tokens=budget,
+        max_tokens=job["max_tokens"],
         seed=0,
     )
-    batches = iter_batches(train, job["rollout_prompts"], seed=job["seed"])
+    batches = iter_batches(task.split().train, job["rollout_prompts"], seed=job["seed"])
     per_update = job["rollout_prompts"] // job["updates"]
 
     eval_s = 0.0
@@ -226,42 +284,16 @@ def train_one(job: dict[str, Any]) -> dict[str, Any]:
     step = rollout = samples = 0
     while step < steps:
         problems = next(batches)
-        ids = prompt_token_ids(tok, problems)
-        groups = sample_groups(
-            model,
-            tok,
-            ids,
-            n=G,
-            temperature=T,
-            max_new_tokens=budget,
-            seed=job["seed"] * 1_000_003 + rollout,
-        )
+        ids, groups = _sample(model, tok, problems, job, seed=job["seed"] * 1_000_003 + rollout)
         rollout += 1
         for u in range(job["updates"]):
             if step >= steps:
                 break
-            chosen, rewards_seen, lengths = [], [], {True: [], False: []}
-            for i in range(u * per_update, (u + 1) * per_update):
-                rewards = tuple(float(task.grade(s.text, problems[i].answer)) for s in groups[i])
-                rewards_seen.extend(rewards)
-                for s, r in zip(groups[i], rewards, strict=True):
-                    lengths[r > 0].append(len(s.token_ids))
-                if len(set(rewards)) <= 1:
-                    continue  # no contrast: the learner skips these (skip_uninformative)
-                chosen.append(
-                    TrainGroup(
-                        group_id=f"r{rollout}-{i}",
-                        prompt_ids=tuple(ids[i]),
-                        completions=tuple(tuple(s.token_ids) for s in groups[i]),
-                        behaviour_logprobs=tuple(tuple(s.logprobs) for s in groups[i]),
-                        rewards=rewards,
-                        correct=tuple(r > 0 for r in rewards),
-                        temperature=T,
-                        max_tokens=budget,
-                        policy_version=rollout - 1,
-                    )
-                )
-            samples += per_update * G
+            part = slice(u * per_update, (u + 1) * per_update)
+            chosen, rewards_seen, lengths = label_groups(
+                task, problems[part], ids[part], groups[part], job, f"r{rollout}-u{u}"
+            )
+            samples += per_update * job["group_size"]
             point: dict[str, float] = {
                 "step": step + 1,
                 "reward": sum(rewards_seen) / max(1, len(rewards_seen)),
@@ -292,6 +324,35 @@ def train_one(job: dict[str, Any]) -> dict[str, Any]:
         "samples": samples,
         "wall_s": time.perf_counter() - started,
         "eval_s": eval_s,
+    }
+
+
+def gradient_cosines(job: dict[str, Any], objectives: list[str], prompts: int = 64) -> dict:
+    """Cosine similarity between the objectives' full-batch gradients at the warm start, on
+    one rollout batch (the same informative groups for all; margin at mid-training). How alike
+    two objectives' first updates are, before any trajectory diverges."""
+    import torch
+
+    from conspo.models.tiny import load_policy
+    from conspo.tasks.registry import get_task
+
+    torch.set_num_threads(job["threads"])
+    task = get_task(job["task"])
+    model, tok = load_policy(job["model"])
+    problems = task.split().train[:prompts]
+    ids, groups = _sample(model, tok, problems, job, seed=20_261_201)
+    chosen, _, _ = label_groups(task, problems, ids, groups, job, "cos")
+    grads = {}
+    for spec in objectives:
+        model, tok = load_policy(job["model"])
+        _trainer(job, spec, model, tok).accumulate(chosen, job["steps"] // 2, job["steps"])
+        grads[spec] = torch.cat(
+            [p.grad.flatten() for p in model.parameters() if p.grad is not None]
+        )
+    cos = torch.nn.functional.cosine_similarity
+    return {
+        "groups": len(chosen),
+        "cosine": {a: {b: float(cos(grads[a], grads[b], dim=0)) for b in grads} for a in grads},
     }
 
 
@@ -384,7 +445,7 @@ def plot(results: list[dict[str, Any]], objectives: list[str], k: int, path: Pat
             mean, half = _smooth(mean, width), _smooth(half, width)
             style = "--" if name.startswith("conspo_") else "-"
             (line,) = ax.plot(xs, mean, style, lw=1.2, label=f"{name} (n={len(runs)})")
-            if series == "curve":
+            if series == "curve" and len(runs) >= 3:  # a 1-dof interval is no band to read
                 lo = [m - h for m, h in zip(mean, half, strict=True)]
                 hi = [m + h for m, h in zip(mean, half, strict=True)]
                 ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.08)
@@ -392,7 +453,9 @@ def plot(results: list[dict[str, Any]], objectives: list[str], k: int, path: Pat
         ax.set_xlabel("optimizer step", fontsize=8)
         ax.tick_params(labelsize=8)
     axes[0][0].legend(fontsize=7, ncol=2)
-    fig.suptitle("mean over seeds; accuracy bands = 95% t-interval", fontsize=9)
+    n_seeds = min(sum(r["objective"] == name for r in results) for name in objectives)
+    bands = "accuracy bands = 95% t-interval" if n_seeds >= 3 else "no bands: fewer than 3 seeds"
+    fig.suptitle(f"mean over seeds; {bands}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
@@ -434,7 +497,19 @@ def main() -> int:
     )
     ap.add_argument("--json", default=None, help="results file (PNG next to it unless --png)")
     ap.add_argument("--png", default=None, help="plot file (e.g. docs/img/objectives-chain.png)")
+    ap.add_argument(
+        "--from",
+        dest="previous",
+        default=None,
+        help="re-report the runs stored in an earlier results JSON (its settings; no training)",
+    )
     args = ap.parse_args()
+    previous = json.loads(Path(args.previous).read_text()) if args.previous else None
+    if previous is not None:
+        stored = previous["config"]
+        for key in (*REPLAYED, "model"):
+            setattr(args, key, stored[key])
+        args.smoke = False
     if args.smoke:
         args.seeds = args.seeds or [0]
         args.steps, args.eval_every, args.n_eval = 4, 2, 40
@@ -449,12 +524,14 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING)
     model = model_path(args.model, args.task)
     hp, hp_source = rl_hyperparameters(model, args.task)
-    if args.lr is not None:
+    if previous is not None:
+        hp, hp_source = previous["config"]["hp"], previous["config"]["hp_source"]
+    elif args.lr is not None:
         hp["lr"], hp_source = args.lr, "--lr"
     workers = args.workers or max(1, min(os.cpu_count() or 1, 2))
-    info = machine()
-    load_start = loadavg()
-    print(header(info))
+    info = machine() if previous is None else previous["machine"]
+    load_start = loadavg() if previous is None else previous["load_start"]
+    print(header(info) if previous is None else f"re-reporting {args.previous}")
     per_update = args.rollout_prompts // args.updates
     print(
         f"task {args.task}, model {model}; {len(args.objectives)} objectives x seeds "
@@ -485,19 +562,27 @@ def main() -> int:
         for name in args.objectives
     ]
     started = time.monotonic()
-    results: list[dict[str, Any]] = []
-    with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-        futures = {pool.submit(train_one, job): job for job in jobs}
-        for fut in cf.as_completed(futures):
-            r = fut.result()
-            results.append(r)
-            print(
-                f"  {r['objective']:<18} seed {r['seed']}: greedy {r['curve'][0]['greedy']:.3f} "
-                f"-> {r['curve'][-1]['greedy']:.3f}, avg@{args.k} {r['curve'][0]['avg']:.3f} -> "
-                f"{r['curve'][-1]['avg']:.3f} ({r['wall_s']:.0f}s)",
-                flush=True,
-            )
-    wall = time.monotonic() - started
+    cosines = gradient_cosines(jobs[0], args.objectives)
+    if "conspo" in args.objectives:
+        print(
+            f"gradient cosine with conspo at the warm start ({cosines['groups']} groups): "
+            + ", ".join(f"{n} {c:.3f}" for n, c in cosines["cosine"]["conspo"].items())
+        )
+    results: list[dict[str, Any]] = [] if previous is None else previous["runs"]
+    if previous is None:
+        with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+            futures = {pool.submit(train_one, job): job for job in jobs}
+            for fut in cf.as_completed(futures):
+                r = fut.result()
+                results.append(r)
+                print(
+                    f"  {r['objective']:<18} seed {r['seed']}: greedy "
+                    f"{r['curve'][0]['greedy']:.3f} -> {r['curve'][-1]['greedy']:.3f}, "
+                    f"avg@{args.k} {r['curve'][0]['avg']:.3f} -> {r['curve'][-1]['avg']:.3f} "
+                    f"({r['wall_s']:.0f}s)",
+                    flush=True,
+                )
+    wall = time.monotonic() - started if previous is None else previous["wall_s"]
     start_acc = _mean([r["curve"][0]["greedy"] for r in results])
     per_objective = {}
     for name in args.objectives:
@@ -505,6 +590,7 @@ def main() -> int:
         per_objective[name] = summarise(runs)
 
     rows = []
+    to_conspo = cosines["cosine"].get("conspo", {})
     for name, v in per_objective.items():
         p_pos = v["mean_p_pos"]
         rows.append(
@@ -517,6 +603,7 @@ def main() -> int:
                 "—" if not math.isfinite(p_pos) else f"{p_pos:.4f} ({v['mean_p_pos_uniform']:.4f})",
                 f"{v['score_gap']:.3f}",
                 f"{v['informative_frac']:.2f}",
+                f"{to_conspo[name]:.3f}" if name in to_conspo else "—",
             ]
         )
     print(
@@ -535,6 +622,7 @@ def main() -> int:
                 "mean P+ (uniform)",
                 "score gap",
                 "informative",
+                "grad cos (conspo)",
             ],
         )
     )
@@ -559,7 +647,8 @@ def main() -> int:
     payload = {
         "machine": info,
         "load_start": load_start,
-        "load_end": loadavg(),
+        "load_end": loadavg() if previous is None else previous["load_end"],
+        "reported_from": args.previous,
         "wall_s": wall,
         "config": {**vars(args), "model": str(model), "hp": hp, "hp_source": hp_source},
         "warm_start_accuracy": start_acc,
@@ -567,6 +656,7 @@ def main() -> int:
         "target": start_acc + 0.10,
         "objectives": per_objective,
         "minus": comparisons,
+        "gradient_cosine": cosines,
         "runs": results,
         "png": str(png_path),
     }

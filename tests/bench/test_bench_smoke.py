@@ -137,6 +137,9 @@ def test_objectives_on_the_chain_task_smoke(tmp_path):
         assert v["length_start"] > 20, name  # scratchpad completions, not bare answers
     assert {"grpo", "conspo"} == set(data["minus"])
     assert set(data["minus"]["grpo"]) == ALL_OBJECTIVES - {"grpo"}
+    cosine = data["gradient_cosine"]["cosine"]
+    assert cosine["conspo"]["conspo"] == pytest.approx(1.0)
+    assert all(-1.0 <= c <= 1.0 + 1e-6 for c in cosine["conspo"].values())
     assert (tmp_path / "objectives-chain.png").is_file()
     assert "summary: chain:" in proc.stdout
 
