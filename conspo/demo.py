@@ -53,6 +53,15 @@ def _arg(args: argparse.Namespace, name: str) -> Any:
     return DEFAULTS[name] if value is None else value
 
 
+def backend_of(args: argparse.Namespace) -> str:
+    """``--backend``, else the generator settings' (``CONSPO_BACKEND`` or the config file)."""
+    if getattr(args, "backend", None):
+        return str(args.backend)
+    from conspo.settings import GeneratorSettings, load
+
+    return load(GeneratorSettings).backend
+
+
 def build_config(args: argparse.Namespace, redis_url: str, model: Path) -> StackConfig:
     seed = int(_arg(args, "seed"))
     out = Path(args.out) if getattr(args, "out", None) else Path("runs") / f"demo-s{seed}"
@@ -61,6 +70,7 @@ def build_config(args: argparse.Namespace, redis_url: str, model: Path) -> Stack
         out_dir=out,
         redis_url=redis_url,
         model_path=model,
+        backend=backend_of(args),
         objective=_arg(args, "objective"),
         steps=int(_arg(args, "steps")),
         batch_groups=DEFAULTS["batch_groups"],
@@ -167,6 +177,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         accounting = LocalStack(cfg).accounting()
     summary = {
         "run": cfg.run,
+        "backend": cfg.backend,
         "objective": cfg.objective,
         "steps": cfg.steps,
         "seed": seed,
@@ -194,7 +205,7 @@ def main(args: argparse.Namespace) -> int:
     acc = summary["accounting"]
     print(
         f"\nheld-out greedy accuracy: {_pct(before)} -> {_pct(after)}  ({summary['objective']}, "
-        f"{summary['steps']} steps, {summary['wall_seconds']:.0f}s)"
+        f"{summary['backend']}, {summary['steps']} steps, {summary['wall_seconds']:.0f}s)"
     )
     print(
         "prompts: submitted {submitted}, generated {generated}, labelled {labelled}, trained "

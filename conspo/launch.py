@@ -26,7 +26,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import redis
@@ -52,6 +52,7 @@ class StackConfig(BaseModel):
     out_dir: Path
     redis_url: str
     model_path: Path
+    backend: Literal["hf", "vllm"] = "hf"
     objective: str = "conspo"
     steps: int = Field(default=100, ge=1)
     batch_groups: int = Field(default=32, ge=1)
@@ -151,7 +152,7 @@ class LocalStack:
                 "CONSPO_FEED_MAX_BACKLOG": max(2 * c.batch_groups, 8),
             },
             "generator": {
-                "CONSPO_BACKEND": "hf",
+                "CONSPO_BACKEND": c.backend,
                 "CONSPO_MODEL_PATH": c.model_path,
                 "CONSPO_GROUP_SIZE": c.group_size,
                 "CONSPO_TEMPERATURE": c.temperature,

