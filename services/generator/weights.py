@@ -369,7 +369,7 @@ def start_engine_sync(
         timeout_s=settings.weight_sync_timeout_s,
         heartbeat_s=settings.heartbeat_s,
         # Where the engine's worker receives: it offers NCCL to the learner only on a GPU.
-        device=getattr(backend, "device", "cuda"),
+        device=backend.device,
         receiver=EngineReceiver(backend, timeout_s=settings.weight_sync_timeout_s),
     )
     subscriber.start(backend.weight_template)

@@ -214,8 +214,9 @@ class HFBackend:
         self.load_weights(load_checkpoint(path, self.model, device="cpu"))
 
     def device_info(self) -> dict[str, str]:
-        device = next(self.model.parameters()).device
-        info = {"device": str(device)}
+        param = next(self.model.parameters())
+        device = param.device
+        info = {"device": str(device), "dtype": str(param.dtype).removeprefix("torch.")}
         if device.type == "cuda":
             info["gpu_uuid"] = str(torch.cuda.get_device_properties(device).uuid)
         return info

@@ -441,7 +441,9 @@ class VLLMBackend:
         info = self._rpc("conspo_device_info", timeout=60)[0]
         if "device" not in info:
             raise BackendError(f"worker could not describe its device: {info.get('error')}")
-        return {str(k): str(v) for k, v in info.items()}
+        out = {str(k): str(v) for k, v in info.items()}
+        out["dtype"] = str(self.served_dtype).removeprefix("torch.")
+        return out
 
     def close(self) -> None:
         engine = getattr(self, "engine", None)

@@ -98,8 +98,9 @@ def test_device_info_names_the_engine_device_without_asking_cuda(engine):
     backend, _ = engine
     info = backend.device_info()
     assert info["device"] == str(backend.device)
+    assert info["dtype"] == "float32"  # the checkpoint's own, asked for by the fixture
     if backend.device.type == "cpu":
-        assert info == {"device": "cpu"}  # no GPU id where there is no GPU
+        assert info == {"device": "cpu", "dtype": "float32"}  # no GPU id without a GPU
     else:
         assert info["gpu_uuid"]
 
