@@ -83,9 +83,9 @@ def load_eval_set(name: str, n: int, data_dir: Path | None = None) -> EvalSet:
 
 
 def _math_grader() -> Callable[[str, str], bool]:
+    from conspo.grading.config import GradeConfig
+    from conspo.grading.grade import grade_one
     from conspo.protocol import Verdict
-    from services.verifier.config import GradeConfig
-    from services.verifier.grading import grade_one
 
     config = GradeConfig()
 
