@@ -74,8 +74,15 @@ def encode_prompt(prompt: Prompt, tokenizer: Any, max_model_len: int) -> list[in
 
 
 def _visible(text: str, tokenizer: Any) -> str:
-    """``text`` without the special tokens a template rendered (decode skips them too)."""
-    for token in getattr(tokenizer, "all_special_tokens", []) or []:
+    """``text`` without the special tokens a template rendered (decode skips them too).
+
+    Besides the named ones (bos, eos, ``additional_special_tokens``), a tokenizer trained with
+    ``tokenizers`` may mark chat markers such as ``<|im_start|>`` special only in its added
+    vocabulary; decode skips those as well, so they are removed here too."""
+    tokens = set(getattr(tokenizer, "all_special_tokens", None) or [])
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    tokens.update(t.content for t in added.values() if getattr(t, "special", False))
+    for token in sorted(tokens, key=len, reverse=True):
         if token:
             text = text.replace(token, "")
     return text

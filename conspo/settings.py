@@ -23,6 +23,7 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from conspo.keys import Keys
+from conspo.rows import PromptFormat
 
 
 class SettingsError(ValueError):
@@ -222,7 +223,15 @@ class LearnerSettings(CommonSettings):
     weight_sync_port: int = Field(default=0, ge=0, le=65535, description="0: pick a free port.")
     weight_sync_timeout_s: float = Field(default=60.0, gt=0)
     eval_every: int = Field(default=0, ge=0, description="0: no periodic evaluation.")
-    eval_set: str = "arith"
+    eval_set: str = Field(
+        default="arith", description="arith or a benchmark of conspo.benchmarks (gsm8k, ...)."
+    )
+    eval_prompt_format: PromptFormat | None = Field(
+        default=None,
+        description="How eval questions become prompts (template, system_prompt, chat): the "
+        "training data's format; None: the set's default (math: the boxed-answer instruction, "
+        "a chat turn when the tokenizer has a chat template).",
+    )
     eval_samples: int = Field(default=200, ge=1)
     eval_k: int = Field(default=4, ge=1)
     wait_timeout_s: float = Field(default=0.0, ge=0, description="0: wait for data forever.")

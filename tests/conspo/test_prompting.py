@@ -48,3 +48,15 @@ def test_a_prompt_that_fills_the_context_is_refused(tok):
     with pytest.raises(PromptRejectedError, match="too long: 128 tokens"):
         encode_prompt(text_prompt("1" * 127), tok, 128)
     assert len(encode_prompt(text_prompt("1" * 126), tok, 128)) == 127
+
+
+def test_chat_markers_special_only_in_the_added_vocabulary_are_not_lost(user_model):
+    """A locally trained BPE marks <|im_start|> special in its added vocabulary without naming
+    it in additional_special_tokens; the round-trip check must not mistake it for lost text."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(user_model)
+    assert "<|im_start|>" not in tok.all_special_tokens
+    prompt = Prompt(prompt_id="p", messages=[ChatMessage(role="user", content="2+2?")], answer="4")
+    ids = encode_prompt(prompt, tok, 512)
+    assert tok.convert_tokens_to_ids("<|im_start|>") in ids
