@@ -261,6 +261,20 @@ class LearnerSettings(CommonSettings):
     colocated_generator: bool = Field(
         default=False, description="A generator shares the learner's GPU (no NCCL broadcast)."
     )
+    tracking: list[Literal["wandb", "tensorboard"]] = Field(
+        default_factory=list,
+        description='Experiment trackers (pip install "conspo[tracking]"); env: a JSON list, '
+        "e.g. CONSPO_TRACKING='[\"tensorboard\"]'.",
+    )
+    wandb_project: str = "conspo"
+    wandb_entity: str | None = None
+    wandb_mode: Literal["online", "offline", "disabled"] | None = Field(
+        default=None, description="None: WANDB_MODE, else W&B's default (online)."
+    )
+    wandb_dir: Path | None = Field(default=None, description="None: the run directory.")
+    tensorboard_dir: Path | None = Field(
+        default=None, description="None: <run directory>/tensorboard."
+    )
 
     @model_validator(mode="after")
     def _push_often_enough(self) -> LearnerSettings:

@@ -56,6 +56,7 @@ from services.learner.distributed import (
 from services.learner.metrics import Metrics, step_record
 from services.learner.step import StepStats, TrainConfig, Trainer
 from services.learner.sync import WeightPush, parameter_list
+from services.learner.tracking import build_trackers
 
 log = logging.getLogger(__name__)
 
@@ -250,6 +251,7 @@ class Learner:
             total_steps=s.total_steps,
             progress_bar=s.progress_bar,
             plot_every=s.plot_every,
+            trackers=build_trackers(s, self.step),
         )
         self.metrics.resume(self.step)
         self.push_dtype: torch.dtype = getattr(torch, s.weight_sync_dtype)
