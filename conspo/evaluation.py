@@ -42,6 +42,9 @@ from conspo.rows import PromptFormat
 log = logging.getLogger(__name__)
 
 ARITH_MAX_TOKENS = 8
+#: Prompts per engine call. Each chunk has its own seed, so the learner and ``conspo eval``
+#: share this value to give the same numbers for the same weights and seed.
+EVAL_CHUNK = 64
 TASK_SETS = ("arith",)
 
 
@@ -194,7 +197,7 @@ def evaluate(
     top_p: float = 0.95,
     max_tokens: int | None = None,
     seed: int = 0,
-    chunk: int = 64,
+    chunk: int = EVAL_CHUNK,
     grade: Callable[[str, str], bool] | None = None,
     progress: Callable[[int], None] | None = None,
     encoded: tuple[list[list[int] | None], list[str]] | None = None,
@@ -304,7 +307,7 @@ class Evaluator:
             max_model_len=self.max_model_len,
             grade=self.grade,
             encoded=self.encoded,
-            chunk=self.max_batch_rows,
+            chunk=EVAL_CHUNK,
             **self.options,
         )
         return {"step": step, **record}

@@ -30,38 +30,47 @@ class SettingsError(ValueError):
     """Configuration is invalid; the message lists every offending variable."""
 
 
+#: Tables of a settings file that are not top-level settings: one per service, plus the
+#: command-level knobs of ``conspo train`` / ``conspo demo``.
+FILE_SECTIONS = frozenset({"api", "generator", "verifier", "learner", "demo", "train"})
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The whole mapping of a YAML or TOML settings file; ``SettingsError`` when unusable."""
+    file = Path(path)
+    if not file.is_file():
+        raise SettingsError(f"CONSPO_CONFIG={path}: no such file")
+    text = file.read_text()
+    try:
+        if file.suffix in (".toml", ".tml"):
+            raw = tomllib.loads(text)
+        else:
+            raw = yaml.safe_load(text) or {}
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        raise SettingsError(f"CONSPO_CONFIG={path}: cannot parse: {exc}") from None
+    if not isinstance(raw, dict):
+        raise SettingsError(f"CONSPO_CONFIG={path}: expected a mapping at the top level")
+    for name in FILE_SECTIONS & raw.keys():
+        if not isinstance(raw[name], dict):
+            raise SettingsError(f"CONSPO_CONFIG={path}: section [{name}] must be a mapping")
+    return raw
+
+
+def file_values(raw: dict[str, Any], service: str) -> dict[str, Any]:
+    """What a file says for ``service``: top-level keys, overridden by its own table."""
+    data = {k: v for k, v in raw.items() if k not in FILE_SECTIONS}
+    data.update(raw.get(service, {}) or {})
+    return data
+
+
 class _FileSource(PydanticBaseSettingsSource):
     """Reads ``CONSPO_CONFIG`` (YAML or TOML): top-level keys, then the service's own table."""
 
     def __init__(self, settings_cls: type[BaseSettings]) -> None:
         super().__init__(settings_cls)
-        self._data = self._load(settings_cls)
-
-    @staticmethod
-    def _load(settings_cls: type[BaseSettings]) -> dict[str, Any]:
         path = os.environ.get("CONSPO_CONFIG")
-        if not path:
-            return {}
-        file = Path(path)
-        if not file.is_file():
-            raise SettingsError(f"CONSPO_CONFIG={path}: no such file")
-        text = file.read_text()
-        try:
-            if file.suffix in (".toml", ".tml"):
-                raw = tomllib.loads(text)
-            else:
-                raw = yaml.safe_load(text) or {}
-        except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
-            raise SettingsError(f"CONSPO_CONFIG={path}: cannot parse: {exc}") from None
-        if not isinstance(raw, dict):
-            raise SettingsError(f"CONSPO_CONFIG={path}: expected a mapping at the top level")
-        sections = {"api", "generator", "verifier", "learner", "demo"}
-        data = {k: v for k, v in raw.items() if k not in sections}
-        own = raw.get(getattr(settings_cls, "service", ""), {}) or {}
-        if not isinstance(own, dict):
-            raise SettingsError(f"CONSPO_CONFIG={path}: section must be a mapping")
-        data.update(own)
-        return data
+        raw = read_config_file(path) if path else {}
+        self._data = file_values(raw, getattr(settings_cls, "service", ""))
 
     def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
         return self._data.get(field_name), field_name, False

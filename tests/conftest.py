@@ -89,9 +89,9 @@ def build_user_model(out: Path, *, chat_template: bool = True, seed: int = 0) ->
         special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
+    # Plain sentences: no answer phrases, so an untrained model has no shortcut to a reward.
     corpus = [
-        f"Tom has {a} apples and buys {b} more. How many apples? {a} + {b} = {a + b}. "
-        f"The answer is {a + b}. #### {a + b}"
+        f"Tom has {a} apples and buys {b} more, so he carries {a + b} of them home today."
         for a in range(40)
         for b in range(0, 40, 3)
     ]
