@@ -67,63 +67,28 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
-# A model folder as a new user makes one (docs/byo-model.md): a byte-level BPE trained locally
-# with `tokenizers`, a Qwen2-style chat template, a tiny random Qwen2, all via save_pretrained.
-USER_CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+# A model folder as a new user makes one: the recipe of docs/byo-model.md, run as written there
+# (a byte-level BPE trained locally with `tokenizers`, a Qwen2-style chat template, a tiny random
+# Qwen2, save_pretrained), so the page and the tests cannot drift apart.
+BYO_PAGE = Path(__file__).resolve().parents[1] / "docs" / "byo-model.md"
+RECIPE_MARK = "<!-- make_tiny_model.py: tests/conftest.py runs this block -->"
 
 
-def build_user_model(out: Path, *, chat_template: bool = True, seed: int = 0) -> Path:
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
-
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    # Plain sentences: no answer phrases, so an untrained model has no shortcut to a reward.
-    corpus = [
-        f"Tom has {a} apples and buys {b} more, so he carries {a + b} of them home today."
-        for a in range(40)
-        for b in range(0, 40, 3)
-    ]
-    bpe.train_from_iterator(corpus, trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>"
-    )
-    if chat_template:
-        tokenizer.chat_template = USER_CHAT_TEMPLATE
-    config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        tie_word_embeddings=True,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=None,
-    )
-    torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(config)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+def byo_recipe() -> str:
+    text = BYO_PAGE.read_text()
+    after = text[text.index(RECIPE_MARK) + len(RECIPE_MARK) :]
+    return after.split("```python\n", 1)[1].split("\n```", 1)[0] + "\n"
 
 
 @pytest.fixture(scope="session")
 def user_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny user-made model folder (byte-level BPE + chat template + random Qwen2)."""
-    return build_user_model(tmp_path_factory.mktemp("user-model") / "model")
+    import subprocess
+    import sys
+
+    work = tmp_path_factory.mktemp("user-model")
+    script = work / "make_tiny_model.py"
+    script.write_text(byo_recipe())
+    out = work / "model"
+    subprocess.run([sys.executable, str(script), str(out)], check=True, timeout=300)
+    return out
