@@ -17,13 +17,13 @@ balance) and exits 3 with the reason. While it runs, the progress display shows 
 whenever the learner publishes one.
 
 Exit status: 0 finished with balanced books; 1 books do not balance (a prompt lost or trained
-twice); 3 the run ended before ``steps`` (data exhausted, timeout); 2 invalid settings.
+twice, or a service died); 3 the run ended before ``steps`` (data exhausted, timeout, the
+learner stopped on its own); 2 invalid settings.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
@@ -153,6 +153,8 @@ def watch(stack: LocalStack, cfg: TrainConfig, progress: Progress) -> tuple[str,
     waiting: dict | None = None
     while not stack.learner_finished():
         stack.check_alive()
+        if not stack.find("learner").alive() and not stack.learner_finished():
+            return "learner_stopped", waiting  # exited 0 unfinished: its wait_timeout_s
         if time.monotonic() > deadline:
             return "timeout", waiting
         try:
@@ -277,9 +279,6 @@ def run_training(cfg: TrainConfig, raw: dict[str, Any] | None = None) -> dict[st
             ended, waiting = watch(stack, cfg, progress)
         finally:
             progress.close()
-            with contextlib.suppress(Exception):
-                last = stack.status().get("waiting")
-                waiting = last if isinstance(last, dict) else waiting
             store = RunStore(stack.client, stack.keys)
             evals = store.series("eval")
             train = store.series("train")
