@@ -261,7 +261,7 @@ def plan_data(cfg: TrainConfig, fmt: PromptFormat) -> DataPlan:
         spec = {"rows": cfg.rows, "prompt_field": "prompt", "answer_field": "answer", **fields}
         root, rows, description = None, len(cfg.rows), f"{len(cfg.rows)} inline rows"
     elif cfg.data is None:
-        raise SettingsError("conspo train needs --data (a JSONL file or a benchmark name)")
+        raise SettingsError("--data is required: a JSONL file or a benchmark name")
     elif cfg.data in BENCHMARKS and not Path(cfg.data).is_file():
         from conspo.paths import shared_data_dir
 

@@ -136,7 +136,7 @@ def test_a_file_is_sent_as_a_path_relative_to_its_folder(tmp_path):
 def test_missing_data_is_a_clear_error(tmp_path):
     with pytest.raises(SettingsError, match="no such file, and not a benchmark"):
         plan_data(TrainConfig(data=str(tmp_path / "nope.jsonl")), PromptFormat())
-    with pytest.raises(SettingsError, match="needs --data"):
+    with pytest.raises(SettingsError, match="--data is required"):
         plan_data(TrainConfig(), PromptFormat())
 
 
