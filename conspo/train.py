@@ -38,6 +38,7 @@ import httpx
 from conspo.launch import LocalStack, StackConfig
 from conspo.logs import setup as setup_logging
 from conspo.redis_conn import reachable_or_local
+from conspo.rows import PromptFormat
 from conspo.settings import SettingsError
 from conspo.state import RunStore
 from conspo.train_config import (
@@ -177,7 +178,14 @@ def watch(stack: LocalStack, cfg: TrainConfig, progress: Progress) -> tuple[str,
     return "finished", waiting
 
 
-def stack_config(cfg: TrainConfig, raw: dict[str, Any], redis_url: str, model: Path, fmt, plan):
+def stack_config(
+    cfg: TrainConfig,
+    raw: dict[str, Any],
+    redis_url: str,
+    model: Path,
+    fmt: PromptFormat,
+    plan: DataPlan,
+) -> StackConfig:
     """The ``StackConfig`` of this run: knobs as fields, everything else as service env."""
     env = service_overrides(raw)
     if plan.root is not None:

@@ -103,3 +103,20 @@ def test_benchmark_sets_load_and_grade_their_own_gold_answers(shared_data, name)
 def test_unknown_set_names_every_choice():
     with pytest.raises(ValueError, match="arith, aime24"):
         load_eval_set("nope", 3)
+
+
+def test_any_generation_backend_can_serve_an_evaluation(tiny):
+    """``evaluate`` needs only ``Backend.generate``: the generator's own hf engine (the way
+    ``conspo eval --backend vllm`` drives VLLMBackend) gives the in-process greedy numbers."""
+    from services.generator.backends.base import Backend
+    from services.generator.backends.hf import HFBackend
+
+    model, tokenizer = tiny
+    backend = HFBackend(model, tokenizer, seed_mode="batch")
+    assert isinstance(backend, Backend)
+    eval_set = load_eval_set("arith", 30)
+    kwargs = dict(max_model_len=backend.max_model_len, k=2, seed=0)
+    via_backend = evaluate(backend, backend.tokenizer, eval_set, **kwargs)
+    in_process = evaluate(ModelSampler(model, tokenizer), tokenizer, eval_set, **kwargs)
+    assert via_backend["greedy"] == in_process["greedy"]
+    assert 0.0 <= via_backend["avg@2"] <= via_backend["pass@2"] <= 1.0
