@@ -23,10 +23,44 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from conspo.keys import Keys
+from conspo.rows import PromptFormat
 
 
 class SettingsError(ValueError):
     """Configuration is invalid; the message lists every offending variable."""
+
+
+#: Tables of a settings file that are not top-level settings: one per service, plus the
+#: command-level knobs of ``conspo train`` / ``conspo demo``.
+FILE_SECTIONS = frozenset({"api", "generator", "verifier", "learner", "demo", "train"})
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The whole mapping of a YAML or TOML settings file; ``SettingsError`` when unusable."""
+    file = Path(path)
+    if not file.is_file():
+        raise SettingsError(f"CONSPO_CONFIG={path}: no such file")
+    text = file.read_text()
+    try:
+        if file.suffix in (".toml", ".tml"):
+            raw = tomllib.loads(text)
+        else:
+            raw = yaml.safe_load(text) or {}
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        raise SettingsError(f"CONSPO_CONFIG={path}: cannot parse: {exc}") from None
+    if not isinstance(raw, dict):
+        raise SettingsError(f"CONSPO_CONFIG={path}: expected a mapping at the top level")
+    for name in FILE_SECTIONS & raw.keys():
+        if not isinstance(raw[name], dict):
+            raise SettingsError(f"CONSPO_CONFIG={path}: section [{name}] must be a mapping")
+    return raw
+
+
+def file_values(raw: dict[str, Any], service: str) -> dict[str, Any]:
+    """What a file says for ``service``: top-level keys, overridden by its own table."""
+    data = {k: v for k, v in raw.items() if k not in FILE_SECTIONS}
+    data.update(raw.get(service, {}) or {})
+    return data
 
 
 class _FileSource(PydanticBaseSettingsSource):
@@ -34,33 +68,9 @@ class _FileSource(PydanticBaseSettingsSource):
 
     def __init__(self, settings_cls: type[BaseSettings]) -> None:
         super().__init__(settings_cls)
-        self._data = self._load(settings_cls)
-
-    @staticmethod
-    def _load(settings_cls: type[BaseSettings]) -> dict[str, Any]:
         path = os.environ.get("CONSPO_CONFIG")
-        if not path:
-            return {}
-        file = Path(path)
-        if not file.is_file():
-            raise SettingsError(f"CONSPO_CONFIG={path}: no such file")
-        text = file.read_text()
-        try:
-            if file.suffix in (".toml", ".tml"):
-                raw = tomllib.loads(text)
-            else:
-                raw = yaml.safe_load(text) or {}
-        except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
-            raise SettingsError(f"CONSPO_CONFIG={path}: cannot parse: {exc}") from None
-        if not isinstance(raw, dict):
-            raise SettingsError(f"CONSPO_CONFIG={path}: expected a mapping at the top level")
-        sections = {"api", "generator", "verifier", "learner", "demo"}
-        data = {k: v for k, v in raw.items() if k not in sections}
-        own = raw.get(getattr(settings_cls, "service", ""), {}) or {}
-        if not isinstance(own, dict):
-            raise SettingsError(f"CONSPO_CONFIG={path}: section must be a mapping")
-        data.update(own)
-        return data
+        raw = read_config_file(path) if path else {}
+        self._data = file_values(raw, getattr(settings_cls, "service", ""))
 
     def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
         return self._data.get(field_name), field_name, False
@@ -237,7 +247,15 @@ class LearnerSettings(CommonSettings):
     weight_sync_port: int = Field(default=0, ge=0, le=65535, description="0: pick a free port.")
     weight_sync_timeout_s: float = Field(default=60.0, gt=0)
     eval_every: int = Field(default=0, ge=0, description="0: no periodic evaluation.")
-    eval_set: str = "arith"
+    eval_set: str = Field(
+        default="arith", description="arith or a benchmark of conspo.benchmarks (gsm8k, ...)."
+    )
+    eval_prompt_format: PromptFormat | None = Field(
+        default=None,
+        description="How eval questions become prompts (template, system_prompt, chat): the "
+        "training data's format; None: the set's default (math: the boxed-answer instruction, "
+        "a chat turn when the tokenizer has a chat template).",
+    )
     eval_samples: int = Field(default=200, ge=1)
     eval_k: int = Field(default=4, ge=1)
     wait_timeout_s: float = Field(default=0.0, ge=0, description="0: wait for data forever.")
@@ -266,6 +284,20 @@ class LearnerSettings(CommonSettings):
     )
     colocated_generator: bool = Field(
         default=False, description="A generator shares the learner's GPU (no NCCL broadcast)."
+    )
+    tracking: list[Literal["wandb", "tensorboard"]] = Field(
+        default_factory=list,
+        description='Experiment trackers (pip install "conspo[tracking]"); env: a JSON list, '
+        "e.g. CONSPO_TRACKING='[\"tensorboard\"]'.",
+    )
+    wandb_project: str = "conspo"
+    wandb_entity: str | None = None
+    wandb_mode: Literal["online", "offline", "disabled"] | None = Field(
+        default=None, description="None: WANDB_MODE, else W&B's default (online)."
+    )
+    wandb_dir: Path | None = Field(default=None, description="None: the run directory.")
+    tensorboard_dir: Path | None = Field(
+        default=None, description="None: <run directory>/tensorboard."
     )
 
     @model_validator(mode="after")

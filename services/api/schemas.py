@@ -151,6 +151,11 @@ class DatasetSpec(_Strict):
     system_prompt: str | None = Field(
         default=None, max_length=20_000, description="If set, prompts become chat messages."
     )
+    chat: bool = Field(
+        default=False,
+        description="Prompts become chat messages (one user turn, rendered with the model's chat "
+        "template by the generator) even without a system prompt.",
+    )
     metadata_fields: list[FieldName] = Field(default_factory=list, max_length=60)
     answer_boxed: bool = Field(
         default=False, description="Take the content of the last \\boxed{} of the answer field."
@@ -188,6 +193,7 @@ class DatasetQuery(_Strict):
     verifier: Identifier | None = None
     template: str | None = Field(default=None, max_length=20_000)
     system_prompt: str | None = Field(default=None, max_length=20_000)
+    chat: bool | None = None
     metadata_fields: list[FieldName] | None = Field(default=None, max_length=60)
     answer_boxed: bool | None = None
     answer_after: str | None = Field(default=None, min_length=1, max_length=200)

@@ -35,6 +35,7 @@ import redis
 
 from conspo.flow import FlowControl
 from conspo.lineage import GENERATE, group_id_for
+from conspo.prompting import PromptRejectedError, encode_prompt
 from conspo.protocol import (
     Completion,
     LabeledGroup,
@@ -53,12 +54,7 @@ from services.generator.backends.base import (
     GenerationCancelledError,
 )
 from services.generator.metrics import GeneratorMetrics
-from services.generator.prompting import (
-    PromptRejectedError,
-    encode_prompt,
-    group_params,
-    group_seed,
-)
+from services.generator.prompting import group_params, group_seed
 from services.generator.weights import WeightSync
 
 log = logging.getLogger(__name__)

@@ -56,6 +56,7 @@ from services.learner.distributed import (
 from services.learner.metrics import Metrics, step_record
 from services.learner.step import StepStats, TrainConfig, Trainer
 from services.learner.sync import WeightPush, parameter_list
+from services.learner.tracking import build_trackers
 
 log = logging.getLogger(__name__)
 
@@ -250,6 +251,7 @@ class Learner:
             total_steps=s.total_steps,
             progress_bar=s.progress_bar,
             plot_every=s.plot_every,
+            trackers=build_trackers(s, self.step),
         )
         self.metrics.resume(self.step)
         self.push_dtype: torch.dtype = getattr(torch, s.weight_sync_dtype)
@@ -266,16 +268,24 @@ class Learner:
             colocated=s.colocated_generator,
         )
         if s.eval_every > 0:
-            from services.learner.evaluation import Evaluator, load_eval_set
+            from conspo.evaluation import Evaluator, load_eval_set
+            from conspo.models.tiny import context_length
 
+            eval_set = load_eval_set(
+                s.eval_set,
+                s.eval_samples,
+                fmt=s.eval_prompt_format,
+                chat_template=bool(getattr(self.tokenizer, "chat_template", None)),
+            )
             self.evaluator = Evaluator(
                 self.tokenizer,
-                load_eval_set(s.eval_set, s.eval_samples),
+                eval_set,
                 k=s.eval_k,
                 temperature=s.eval_temperature,
                 top_p=s.eval_top_p,
                 max_tokens=s.eval_max_tokens,
                 seed=s.seed,
+                max_model_len=context_length(self.model, self.tokenizer),
             )
 
     def _recover_pending(self, ckpt: Checkpoint | None) -> None:

@@ -18,12 +18,12 @@ from collections.abc import Callable
 
 import redis
 
+from conspo.grading.config import GradeConfig, GradeItem
 from conspo.lineage import VERIFY
 from conspo.protocol import LabeledGroup, RolloutGroup
 from conspo.queue import Commit, StreamQueue
 from conspo.service import ServiceRuntime
 from conspo.settings import VerifierSettings
-from services.verifier.config import GradeConfig, GradeItem
 from services.verifier.metrics import VerifierMetrics
 from services.verifier.pool import GradingPool, PoolError
 

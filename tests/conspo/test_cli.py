@@ -21,7 +21,7 @@ def test_help_lists_the_services():
     out = subprocess.run(
         [sys.executable, "-m", "conspo.cli", "--help"], capture_output=True, text=True, check=True
     ).stdout
-    for name in ("api", "generator", "verifier", "learner", "demo"):
+    for name in ("api", "generator", "verifier", "learner", "demo", "train", "eval"):
         assert name in out
 
 
