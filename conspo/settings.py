@@ -226,6 +226,13 @@ class LearnerSettings(CommonSettings):
     eval_samples: int = Field(default=200, ge=1)
     eval_k: int = Field(default=4, ge=1)
     wait_timeout_s: float = Field(default=0.0, ge=0, description="0: wait for data forever.")
+    waiting_after_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="Seconds without a step after which the learner says why (`waiting` in "
+        "/v1/status, and its log); skipped and dropped groups are also released (acked, the "
+        "stream trimmable) at least this often, without waiting for a checkpoint.",
+    )
     consumer: str | None = Field(
         default=None, description="Stable consumer name; None: learner-<run>-rank0."
     )
