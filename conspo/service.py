@@ -3,7 +3,10 @@
 Services are plain loops that check ``runtime.stopping`` between units of work: SIGTERM and
 SIGINT only set the flag, so a unit in flight finishes (or is released) instead of dying halfway.
 A heartbeat thread writes the instance's status and last error to the run's state hash; it keeps
-going while the main loop is busy, so a slow step is never mistaken for a dead process. Each beat
+going while the main loop is busy, so a slow step is never mistaken for a dead process. The last
+error is current, not a tombstone: a loop that completes a unit of work without a new error calls
+``recovered()``, which clears it; its count and time stay in the heartbeat's ``info``
+(``errors``, ``last_error_at``), so a flapping service is still visible. Each beat
 also checks the run's incarnation (``conspo.incarnation``): if Redis lost the run's state, the
 instance logs an error, counts it and says ``redis state lost`` in its heartbeat.
 
@@ -52,6 +55,8 @@ class ServiceRuntime:
         self.stop_event = threading.Event()
         self.status: Status = "starting"
         self.last_error: str | None = None
+        self.error_count = 0
+        self.last_error_at: float | None = None
         self.info: dict[str, MetaValue] = {}
         self._beat_thread: threading.Thread | None = None
         self.incarnation = Incarnation(self.client, self.keys, self.instance)
@@ -83,7 +88,17 @@ class ServiceRuntime:
 
     def error(self, message: str) -> None:
         self.last_error = message[:2000]
+        self.error_count += 1
+        self.last_error_at = time.time()
         log.error("%s", message)
+
+    def recovered(self) -> None:
+        """A unit of work succeeded after an error: the error is history, not the state (a run
+        whose Redis state was lost stays flagged: ``check_incarnation`` re-asserts that)."""
+        if self.last_error is not None:
+            log.info("%s %s works again (last error: %s)", self.service, self.instance,
+                     self.last_error[:200])  # fmt: skip
+            self.last_error = None
 
     def check_incarnation(self) -> None:
         """Compare the run's incarnation with ours; report a loss once (see conspo.incarnation)."""
@@ -106,6 +121,9 @@ class ServiceRuntime:
             self.check_incarnation()
         except redis.RedisError as exc:
             log.warning("incarnation check failed: %s", exc)
+        if self.error_count:
+            self.info["errors"] = self.error_count
+            self.info["last_error_at"] = self.last_error_at
         try:
             self.store.heartbeat(
                 Heartbeat(

@@ -129,8 +129,11 @@ class GeneratorLoop:
         try:
             while not self.runtime.stopping and (max_iterations is None or done < max_iterations):
                 done += 1
+                errors = self.runtime.error_count
                 try:
                     self.step()
+                    if self.runtime.error_count == errors:
+                        self.runtime.recovered()
                 except BackendDeadError:
                     raise
                 except redis.RedisError as exc:

@@ -78,9 +78,12 @@ class VerifierWorker:
         backoff = 0.5
         try:
             while not self.rt.stopping:
+                errors = self.rt.error_count
                 try:
                     self.step()
                     backoff = 0.5
+                    if self.rt.error_count == errors:
+                        self.rt.recovered()
                 except (redis.ConnectionError, redis.TimeoutError) as exc:
                     self.rt.error(f"redis unavailable: {exc}; retrying in {backoff:.1f}s")
                     self.rt.sleep(backoff)

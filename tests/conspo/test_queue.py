@@ -256,3 +256,19 @@ def test_commit_many_is_one_commit_per_item(redis_client, keys):
     assert redis_client.hget(keys.counters, "verifier.groups") == b"3"
     assert src.backlog().outstanding == 0
     assert redis_client.hlen(keys.failures) == 0
+
+
+def test_a_stream_not_created_yet_is_empty_and_errors_name_the_stream(redis_client, keys):
+    q, _ = queues(redis_client, keys)
+    assert q.trim() == 0 and q.prune_consumers() == 0  # nothing published: nothing to do
+    assert not redis_client.exists(q.key)  # and nothing was created by looking
+    redis_client.set(q.key, "not a stream")
+    with pytest.raises(redis.ResponseError, match=rf"^stream {q.key}: WRONGTYPE"):
+        q.backlog()
+    redis_client.delete(q.key)
+    q.publish(prompt(1), "p-1")
+    redis_client.delete(q.key)  # stream and group gone under a consumer that had made them
+    with pytest.raises(redis.ResponseError, match="NOGROUP"):
+        q.read("c", block_ms=None)  # once; then the group is made again
+    q.publish(prompt(2), "p-2")
+    assert [d.key for d in q.read("c", block_ms=None)] == ["p-2"]

@@ -222,3 +222,33 @@ def test_stopping_releases_prompts_read_but_not_started(
     assert owners.get(loop.instance, 0) == 0
     assert redis_client.xlen(keys.rollouts) == 0
     runtime.client.close()
+
+
+def test_no_prompts_yet_is_not_an_error_and_errors_clear_once_it_works_again(
+    hf_backend, run_loop, redis_client, keys
+):
+    from conspo.protocol import Heartbeat
+
+    with run_loop(hf_backend, heartbeat_s=0.2) as running:
+        runtime = running.runtime
+        # Started before anything exists: it polls an empty, not-yet-created stream quietly.
+        time.sleep(1.0)
+        assert (runtime.last_error, runtime.error_count) == (None, 0)
+        # Something else sits under the prompts key: the error names the stream.
+        redis_client.delete(keys.prompts)
+        redis_client.set(keys.prompts, "not a stream")
+        assert wait_for(lambda: runtime.error_count > 0, TIMEOUT)
+        assert keys.prompts in (runtime.last_error or ""), runtime.last_error
+        redis_client.delete(keys.prompts)
+        # It works again: the error clears; its count and time stay in the heartbeat.
+        assert wait_for(lambda: runtime.last_error is None, TIMEOUT)
+        publish(redis_client, keys, [arith(0)])
+        assert wait_for(lambda: redis_client.exists(keys.rollouts), TIMEOUT)
+
+        runtime.beat()  # (the fixture's runtime has no heartbeat thread)
+        beat = decode(
+            redis_client.hget(keys.heartbeats, f"generator:{runtime.instance}"), Heartbeat
+        )
+        assert beat.last_error is None
+        assert beat.info["errors"] == runtime.error_count >= 1
+        assert beat.info["last_error_at"] <= time.time()
