@@ -282,6 +282,11 @@ class ApiSettings(CommonSettings):
     max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
     max_prompts_per_request: int = Field(default=1000, ge=1)
     feed_max_backlog: int = Field(default=512, ge=1, description="prompts backlog bound.")
+    verifiers: list[str] = Field(
+        default_factory=lambda: ["arith", "exact", "math"],
+        description="Verifier names accepted until a verifier replica has published the names "
+        "it offers (then those count); add plugin names to submit before any verifier started.",
+    )
     dataset_roots: list[Path] = Field(
         default_factory=list, description="Server-side dataset files must lie under one of these."
     )

@@ -120,6 +120,11 @@ class PromptsAccepted(BaseModel):
     count: int = Field(ge=0)
     prompt_ids: list[str]
     entry_ids: list[str] = Field(description="Entry ids in the `prompts` stream, in order.")
+    replayed: list[str] = Field(
+        default_factory=list,
+        description="Prompt ids this run already had with the identical prompt: not enqueued "
+        "again, their original entry ids are replayed in `entry_ids`.",
+    )
     stream: Literal["prompts"] = "prompts"
 
 

@@ -4,7 +4,8 @@ The benchmark files disagree on field names and answer formats, so the mapping c
 without code: a prompt field (optionally through a template), an answer field that may be a
 number (AMC's ``27.0`` -> ``"27"``), a list (OlympiadBench: first item, or joined), a full
 solution whose last ``\\boxed{}`` is the answer (Minerva), or text whose answer follows a marker
-(GSM8K's ``#### ``) or matches a regex. A row that cannot be mapped is rejected with its line
+(GSM8K's ``#### ``) or matches a regex. A row that cannot be mapped, or that the api's admission
+check refuses (``check``: a prompt too long for the served model), is rejected with its line
 number and reason; the rest load.
 
 ``answer_regex`` is user input applied to every row: it runs through the ``regex`` module with a
@@ -17,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,9 +84,13 @@ def last_boxed(text: str) -> str | None:
     return None
 
 
+RowCheck = Callable[[dict[str, Any]], str | None]  # a mapped row -> why it is refused, or None
+
+
 class Mapper:
-    def __init__(self, spec: DatasetSpec) -> None:
+    def __init__(self, spec: DatasetSpec, check: RowCheck | None = None) -> None:
         self.spec = spec
+        self.check = check
         self._pattern: Any = None
         if spec.answer_regex is not None:
             try:
@@ -205,6 +211,10 @@ class Mapper:
         else:
             out["text"] = text
         out["metadata"] = self._metadata(row)
+        if self.check is not None:
+            refused = self.check(out)
+            if refused:
+                raise RowError(refused)
         return out
 
 
@@ -229,8 +239,10 @@ def _accept(
     return 0
 
 
-def load_jsonl(data: bytes, spec: DatasetSpec, max_rows: int) -> LoadResult:
-    mapper = Mapper(spec)
+def load_jsonl(
+    data: bytes, spec: DatasetSpec, max_rows: int, check: RowCheck | None = None
+) -> LoadResult:
+    mapper = Mapper(spec, check)
     rows: list[dict[str, Any]] = []
     rejected: list[RejectedRow] = []
     seen: set[str] = set()
@@ -254,8 +266,10 @@ def load_jsonl(data: bytes, spec: DatasetSpec, max_rows: int) -> LoadResult:
     return LoadResult(rows, rejected, count)
 
 
-def load_inline(items: list[dict[str, Any]], spec: DatasetSpec, max_rows: int) -> LoadResult:
-    mapper = Mapper(spec)
+def load_inline(
+    items: list[dict[str, Any]], spec: DatasetSpec, max_rows: int, check: RowCheck | None = None
+) -> LoadResult:
+    mapper = Mapper(spec, check)
     rows: list[dict[str, Any]] = []
     rejected: list[RejectedRow] = []
     seen: set[str] = set()

@@ -252,3 +252,27 @@ def test_no_prompts_yet_is_not_an_error_and_errors_clear_once_it_works_again(
         assert beat.last_error is None
         assert beat.info["errors"] == runtime.error_count >= 1
         assert beat.info["last_error_at"] <= time.time()
+
+
+def test_the_generator_publishes_what_it_serves_for_the_apis_checks(
+    hf_backend, settings_for, redis_client, keys
+):
+    from pathlib import Path
+
+    from conspo.serving import read_served_model
+    from services.generator.main import publish_serving
+
+    settings = settings_for()
+    runtime = ServiceRuntime(settings, "generator")
+    try:
+        publish_serving(runtime, settings, hf_backend)
+    finally:
+        runtime.client.close()
+    served = read_served_model(redis_client, keys)
+    assert served is not None
+    assert (served.max_model_len, served.instance) == (hf_backend.max_model_len, runtime.instance)
+    assert served.tokenizer_path is not None
+    assert (Path(served.tokenizer_path) / "tokenizer.json").is_file()
+    longest = max(len(t) for t in hf_backend.tokenizer.get_vocab())
+    assert served.max_token_chars == longest
+    assert runtime.info["max_model_len"] == hf_backend.max_model_len
