@@ -27,7 +27,7 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Generic
 
@@ -101,6 +101,9 @@ for i = 4, #KEYS do
 end
 return #KEYS - 3
 """
+
+
+RELEASED = "released"  # the pseudo-consumer that holds handed-back entries until reclaimed
 
 
 def consumer_name(role: str) -> str:
@@ -363,15 +366,43 @@ class StreamQueue(Generic[M]):
         """Give entries back (e.g. on SIGTERM): any consumer's next reclaim picks them up."""
         if not deliveries:
             return
+        self._hand_back([d.entry_id for d in deliveries])
+
+    def _hand_back(self, ids: list[str]) -> None:
+        # Idle past the visibility timeout at once, and not counted as a delivery (JUSTID): the
+        # next reader's XAUTOCLAIM takes them.
         self.client.xclaim(
             self.key,
             self.group,
-            "released",
+            RELEASED,
             min_idle_time=0,
-            message_ids=[d.entry_id for d in deliveries],
+            message_ids=ids,
             idle=self.visibility_ms + 1,
             justid=True,
         )
+
+    def release_dead(self, alive: Callable[[str], bool], *, me: str) -> int:
+        """Hand back the pending entries of consumers ``alive`` says are gone, now rather than
+        once they were idle for the visibility timeout: a SIGKILLed replica restarts under a new
+        name and could not take its predecessor's entries for a minute. Wrongly calling a live
+        consumer gone costs duplicate work only: its late commit finds the marker. Returns how
+        many entries were handed back."""
+        if not self._exists():
+            return 0
+        with self._about():
+            consumers = self.client.xinfo_consumers(self.key, self.group)
+        released = 0
+        for info in consumers:
+            name = _s(info["name"])
+            if int(info["pending"]) == 0 or name in (me, RELEASED) or alive(name):
+                continue
+            rows = self.client.xpending_range(self.key, self.group, "-", "+", 10_000, name)
+            ids = [_s(r["message_id"]) for r in rows]
+            if ids:
+                self._hand_back(ids)
+                released += len(ids)
+                log.info("%s: handed back %d entries of %s (gone)", self.name, len(ids), name)
+        return released
 
     def dead_letter(
         self,

@@ -22,6 +22,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from types import FrameType, TracebackType
 from typing import Any, Literal
 
@@ -31,13 +32,14 @@ from prometheus_client import CollectorRegistry, Counter, start_http_server
 from conspo.incarnation import Incarnation
 from conspo.logs import setup as setup_logging
 from conspo.protocol import Heartbeat, MetaValue
-from conspo.queue import consumer_name
+from conspo.queue import StreamQueue, consumer_name
 from conspo.redis_conn import check_auth, client_for
 from conspo.settings import CommonSettings
 from conspo.state import RunStore
 
 log = logging.getLogger(__name__)
 Status = Literal["starting", "running", "waiting", "stopping", "stopped", "failed"]
+DEAD_AFTER_BEATS = 5  # a replica whose heartbeat is this many intervals old is gone
 ServiceName = Literal["api", "generator", "verifier", "learner", "demo"]
 
 
@@ -58,6 +60,7 @@ class ServiceRuntime:
         self.error_count = 0
         self.last_error_at: float | None = None
         self.info: dict[str, MetaValue] = {}
+        self.on_beat: list[Callable[[], None]] = []  # work that must go on while the loop is busy
         self._beat_thread: threading.Thread | None = None
         self.incarnation = Incarnation(self.client, self.keys, self.instance)
         self._state_lost = Counter(
@@ -100,6 +103,15 @@ class ServiceRuntime:
                      self.last_error[:200])  # fmt: skip
             self.last_error = None
 
+    def hand_back_from_the_dead(self, queue: StreamQueue) -> int:
+        """Hand back what replicas of our own service hold in ``queue`` when their heartbeat is
+        ``DEAD_AFTER_BEATS`` intervals old or says they stopped (consumer names are instance
+        names). A restarted replica takes them at its next read instead of after the
+        visibility timeout."""
+        horizon = DEAD_AFTER_BEATS * self.settings.heartbeat_s
+        alive = {b.instance for b in self.store.alive(self.service, horizon)}
+        return queue.release_dead(alive.__contains__, me=self.instance)
+
     def check_incarnation(self) -> None:
         """Compare the run's incarnation with ours; report a loss once (see conspo.incarnation)."""
         before = self.incarnation.state.detections
@@ -124,6 +136,11 @@ class ServiceRuntime:
         if self.error_count:
             self.info["errors"] = self.error_count
             self.info["last_error_at"] = self.last_error_at
+        for hook in self.on_beat:
+            try:
+                hook()
+            except redis.RedisError as exc:
+                log.warning("heartbeat hook failed: %s", exc)
         try:
             self.store.heartbeat(
                 Heartbeat(

@@ -148,7 +148,10 @@ class GeneratorSettings(CommonSettings):
         default=32, ge=1, description="Groups per learner step, until the learner publishes it."
     )
     lease_ttl_s: float = Field(
-        default=120.0, gt=0, description="Flow-control lease: longer than one engine call."
+        default=10.0,
+        gt=0,
+        description="Flow-control lease of the batch in generation, renewed every heartbeat: "
+        "what a dead generator's budget stays held. At least 2 heartbeats.",
     )
     hf_seed_mode: Literal["group", "batch"] = Field(
         default="group",
@@ -169,6 +172,16 @@ class GeneratorSettings(CommonSettings):
     vllm_dtype: str = Field(default="auto", description="vLLM engine dtype (auto: the config's).")
     vllm_enforce_eager: bool = False
     vllm_enable_prefix_caching: bool = True
+
+    @model_validator(mode="after")
+    def _lease_outlives_a_beat(self) -> GeneratorSettings:
+        if self.lease_ttl_s < 2 * self.heartbeat_s:
+            raise ValueError(
+                f"lease_ttl_s={self.lease_ttl_s:g} is shorter than two heartbeats "
+                f"(heartbeat_s={self.heartbeat_s:g}): a live generator's lease would expire "
+                "between renewals"
+            )
+        return self
 
 
 class VerifierSettings(CommonSettings):
@@ -249,7 +262,18 @@ class LearnerSettings(CommonSettings):
     eval_max_tokens: int | None = Field(default=None, ge=1, description="None: per eval set.")
     eval_at_start: bool = True
     weight_sync_backend: Literal["auto", "gloo", "nccl"] = "auto"
-    weight_sync_member_ttl_s: float = Field(default=15.0, gt=0)
+    weight_sync_member_ttl_s: float = Field(
+        default=15.0,
+        gt=0,
+        description="Longest a silent generator counts as live; members that say how often "
+        "they refresh drop out after 3 missed refreshes + 1 s when that is sooner.",
+    )
+    weight_sync_join_timeout_s: float = Field(
+        default=15.0,
+        gt=0,
+        description="How long a rebuilt weight-sync group waits for its members to join (a dead "
+        "one never does); capped by weight_sync_timeout_s.",
+    )
     weight_sync_bucket_mb: int = Field(default=1024, ge=1)
     weight_sync_dtype: Literal["float32", "bfloat16", "float16"] = Field(
         default="float32",

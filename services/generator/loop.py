@@ -14,7 +14,13 @@ One iteration (``GeneratorLoop.step``):
    for the rest in ONE engine call.
 4. Publish one ``RolloutGroup`` per prompt through ``StreamQueue.commit``: marker, rollout entry,
    counters and ack in one atomic script, so a crash anywhere leaves nothing or everything.
-5. Release the flow lease (the groups now count as produced).
+5. Release the flow lease (the groups now count as produced). While the engine runs, the
+   heartbeat thread renews the lease, so a short ``lease_ttl_s`` frees a dead generator's budget
+   quickly without ever expiring a live one's mid-batch.
+
+Every couple of seconds the loop also hands back the prompts that gone generators held (their
+heartbeat stopped: SIGKILL, a lost node): the restarted replica has a new consumer name and
+would otherwise wait ``visibility_timeout_s`` for them.
 
 Failures: an engine error on a batch of several prompts retries each prompt alone once, so that
 one poisonous prompt does not take its batch-mates down with it; prompts that still fail are
@@ -120,6 +126,8 @@ class GeneratorLoop:
         self.served_version = served_version
         self.metrics.serving(served_version)
         self._failures_in_a_row = 0
+        self._last_dead_check = 0.0
+        runtime.on_beat.append(lambda: self.flow.renew(self.instance))
 
     # -- running ----------------------------------------------------------------------------------
     def run(self, max_iterations: int | None = None) -> None:
@@ -155,6 +163,7 @@ class GeneratorLoop:
         """One iteration; returns the number of groups published."""
         self.apply_staged_weights()
         self._trim_prompts()
+        self._hand_back_from_the_dead()
         waited = self._admission_wait()
         if waited is not None:
             reason, seconds = waited
@@ -186,6 +195,14 @@ class GeneratorLoop:
             return
         self._last_trim = now
         self.prompts.trim(keep_last=self.settings.retain_entries)
+
+    def _hand_back_from_the_dead(self) -> None:
+        every = self.settings.heartbeat_s
+        now = time.monotonic()
+        if now - self._last_dead_check < every:
+            return
+        self._last_dead_check = now
+        self.runtime.hand_back_from_the_dead(self.prompts)
 
     # -- weights ----------------------------------------------------------------------------------
     def apply_staged_weights(self) -> bool:

@@ -155,6 +155,8 @@ class Learner:
         self._unflushed: dict[str, int] = {}
         self._duplicates_flushed = 0
         self._last_release = self._last_explained = self._last_logged = 0.0
+        self._next_idle_push = 0.0
+        self._layout_hash: str | None = None
         self._waiting_code: str | None = None
         self.push: WeightPush | None = None
         self.metrics: Metrics | None = None
@@ -290,6 +292,7 @@ class Learner:
             bucket_bytes=s.weight_sync_bucket_mb * 1024 * 1024,
             device=self.ctx.device,
             colocated=s.colocated_generator,
+            join_timeout_s=s.weight_sync_join_timeout_s,
         )
         if s.eval_every > 0:
             from services.learner.evaluation import Evaluator, load_eval_set
@@ -396,6 +399,27 @@ class Learner:
         if self.wait.elapsed >= after and now - self._last_explained >= 1.0:
             self._last_explained = now
             self._explain(in_hand, idle_s)
+        self._push_to_newcomers()
+
+    def _push_to_newcomers(self) -> None:
+        """A generator that joined (or restarted) while no step happens gets the current
+        weights now, not after the next step, which may need its data first. Single-process
+        learners only: under FSDP the full weights are a collective of every rank."""
+        now = time.monotonic()
+        if self.ctx.enabled or self.push is None or now < self._next_idle_push:
+            return
+        self._next_idle_push = now + 1.0
+        if self._layout_hash is None:
+            from conspo.weight_sync import layout_of
+
+            params = parameter_list(self.model, None, dtype=self.push_dtype)
+            self._layout_hash = layout_of(params).hash
+        missing = self.push.missing_members(self._layout_hash)
+        if not missing:
+            return
+        log.info("pushing v%d to %s (joined while no step happens)", self.version, missing)
+        if not self._push_weights(None).ok:
+            self._next_idle_push = now + self.s.waiting_after_s  # not every second
 
     def _explain(self, in_hand: int, idle_s: float) -> None:
         s = self.s

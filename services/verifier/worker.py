@@ -89,6 +89,7 @@ class VerifierWorker:
         self.labeled = StreamQueue(runtime.client, runtime.keys, "labeled", LabeledGroup, **common)
         self.metrics = VerifierMetrics(runtime.registry)
         self._last_trim = time.monotonic()
+        self._last_dead_check = 0.0
         self.offered = offered_verifiers(list(settings.plugins))
         runtime.info["verifiers"] = ",".join(self.offered)
 
@@ -115,6 +116,9 @@ class VerifierWorker:
 
     def step(self) -> int:
         """Read one batch, label it, commit each group; returns groups committed."""
+        if time.monotonic() - self._last_dead_check >= self.settings.heartbeat_s:
+            self._last_dead_check = time.monotonic()
+            self.rt.hand_back_from_the_dead(self.rollouts)  # a killed replica's groups
         deliveries = self.rollouts.read(
             self.rt.instance, count=self.settings.groups_per_read, block_ms=self.settings.block_ms
         )
