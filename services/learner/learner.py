@@ -474,7 +474,11 @@ class Learner:
             records=[EntryRecord(entry_id=d.delivery.entry_id, group_id=d.group_id,
                                  marker=d.marker) for d in items],
         )  # fmt: skip
-        self.ckpts.write_ledger(ledger)
+        try:
+            self.ckpts.write_ledger(ledger)
+        except OSError as exc:  # disk trouble: they stay pending for the next checkpoint
+            log.error("could not write the release ledger %s: %s", self.ckpts.ledger_path, exc)
+            return
         try:
             self.queue.mark_and_ack(
                 [(d.delivery, d.group_id, d.marker) for d in items], stage=LEARN

@@ -90,15 +90,8 @@ def test_explain_names_the_cause_with_its_numbers(groups_factory):
     assert reason.endswith("the last labelled group arrived 30 s ago; UPSTREAM")
 
 
-def _settings(redis_url, run_name, model_path, tmp_path, **over) -> LearnerSettings:
-    base = dict(
-        redis_url=redis_url,
-        run=run_name,
-        model_path=model_path,
-        data_dir=tmp_path,
-        lr=1e-3,
-        progress_bar=False,
-        block_ms=200,
+def _settings(learner_settings, **over) -> LearnerSettings:
+    quick = dict(
         plot_every=0,
         batch_groups=2,
         total_steps=1,
@@ -108,7 +101,7 @@ def _settings(redis_url, run_name, model_path, tmp_path, **over) -> LearnerSetti
         retain_entries=0,
         eval_every=0,
     )
-    return LearnerSettings(**{**base, **over})
+    return learner_settings(**{**quick, **over})
 
 
 class _Running:
@@ -140,13 +133,13 @@ class _Running:
 
 
 def test_all_equal_stream_is_counted_explained_and_released_within_the_bound(
-    redis_url, redis_client, run_name, keys, model_path, tmp_path, groups_factory, caplog
+    redis_url, redis_client, run_name, keys, tmp_path, groups_factory, caplog, learner_settings
 ):
     caplog.set_level("INFO", logger="services.learner.learner")
     zeros = [_no_answer(g) for g in groups_factory(40, pattern=lambda i: [False] * 4)]
     queue = StreamQueue(redis_client, keys, "labeled", LabeledGroup)
     queue.publish_many([(g, g.group_id) for g in zeros])
-    settings = _settings(redis_url, run_name, model_path, tmp_path)
+    settings = _settings(learner_settings)
     learner = Learner(settings, DistContext(), client=connect(redis_url))
     store = RunStore(redis_client, keys)
     started = time.time()
@@ -217,13 +210,14 @@ class _Crash(BaseException):
 
 
 def test_a_crash_between_the_ledger_and_its_ack_is_repaired_at_the_next_start(
-    redis_url, redis_client, run_name, keys, model_path, tmp_path, groups_factory, monkeypatch
-):
+    redis_url, redis_client, run_name, keys, tmp_path, groups_factory, monkeypatch,
+    learner_settings,
+):  # fmt: skip
     queue = StreamQueue(redis_client, keys, "labeled", LabeledGroup)
     first = groups_factory(2, prefix="a")
     same = groups_factory(6, prefix="s", pattern=lambda i: [True] * 4)
     queue.publish_many([(g, g.group_id) for g in [*first, *same]])
-    settings = _settings(redis_url, run_name, model_path, tmp_path, total_steps=2)
+    settings = _settings(learner_settings, total_steps=2)
     learner = Learner(settings, DistContext(), client=connect(redis_url))
     ckpts = CheckpointManager(tmp_path / run_name / "checkpoints", keep=3)
     real = StreamQueue.mark_and_ack
@@ -268,9 +262,9 @@ def test_a_crash_between_the_ledger_and_its_ack_is_repaired_at_the_next_start(
 
 
 def test_no_data_is_explained_with_the_queues_upstream(
-    redis_url, redis_client, run_name, keys, model_path, tmp_path
+    redis_url, redis_client, keys, learner_settings
 ):
-    settings = _settings(redis_url, run_name, model_path, tmp_path)
+    settings = _settings(learner_settings)
     learner = Learner(settings, DistContext(), client=connect(redis_url))
     store = RunStore(redis_client, keys)
     running = _Running(learner)
