@@ -127,6 +127,8 @@ class GeneratorLoop:
         self.metrics.serving(served_version)
         self._failures_in_a_row = 0
         self._last_dead_check = 0.0
+        self._no_budget_since: float | None = None
+        self._no_budget_logged = 0.0
         runtime.on_beat.append(lambda: self.flow.renew(self.instance))
 
     # -- running ----------------------------------------------------------------------------------
@@ -174,9 +176,11 @@ class GeneratorLoop:
         if grant <= 0:
             t0 = time.monotonic()
             self.runtime.status = "waiting"
+            self._say_why_no_budget(t0)
             self.runtime.sleep(self.settings.poll_ms / 1000)
             self.metrics.waited("flow", time.monotonic() - t0)
             return 0
+        self._no_budget_since = None
         self.runtime.status = "running"
         try:
             deliveries = self.prompts.read(
@@ -195,6 +199,27 @@ class GeneratorLoop:
             return
         self._last_trim = now
         self.prompts.trim(keep_last=self.settings.retain_entries)
+
+    def _say_why_no_budget(self, now: float, after_s: float = 10.0, every_s: float = 60.0) -> None:
+        """Flow control can hold a generator back for long (the learner is busy, or waits for
+        weights to reach us): say so in the log instead of going quiet."""
+        if self._no_budget_since is None:
+            self._no_budget_since = now
+        waited = now - self._no_budget_since
+        if waited < after_s or now - self._no_budget_logged < every_s:
+            return
+        self._no_budget_logged = now
+        fields = self.runtime.store.fields()  # the learner's numbers are the ones enforced
+        learner = int(fields.get("policy_version", 0))
+        log.info(
+            "no generation budget for %.0f s (serving v%d, learner at v%d, max_staleness %s): "
+            "waiting for the learner to consume what is in flight%s",
+            waited,
+            self.served_version,
+            learner,
+            fields.get("max_staleness", self.settings.max_staleness),
+            " or for newer weights" if learner - self.served_version > 0 else "",
+        )
 
     def _hand_back_from_the_dead(self) -> None:
         every = self.settings.heartbeat_s
