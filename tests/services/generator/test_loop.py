@@ -276,3 +276,27 @@ def test_the_generator_publishes_what_it_serves_for_the_apis_checks(
     longest = max(len(t) for t in hf_backend.tokenizer.get_vocab())
     assert served.max_token_chars == longest
     assert runtime.info["max_model_len"] == hf_backend.max_model_len
+
+
+def test_a_generator_held_back_by_flow_control_says_so(hf_backend, settings_for, keys, caplog):
+    settings = settings_for(max_staleness=0)
+    runtime = ServiceRuntime(settings, "generator")
+    try:
+        FlowControl(runtime.client, keys, batch_groups=2, max_staleness=0).publish_limits(
+            batch_groups=2, max_staleness=0
+        )
+        runtime.store.set_fields(policy_version=3)
+        loop = GeneratorLoop(runtime, settings, hf_backend, served_version=1)
+        caplog.set_level("INFO", logger="services.generator.loop")
+        loop._say_why_no_budget(100.0)
+        loop._say_why_no_budget(105.0)
+        assert "no generation budget" not in caplog.text  # quiet for the first 10 s
+        loop._say_why_no_budget(111.0)
+        assert (
+            "no generation budget for 11 s (serving v1, learner at v3, max_staleness 0): waiting "
+            "for the learner to consume what is in flight or for newer weights" in caplog.text
+        )
+        loop._say_why_no_budget(130.0)
+        assert caplog.text.count("no generation budget") == 1  # at most once a minute
+    finally:
+        runtime.client.close()
