@@ -158,7 +158,10 @@ class GeneratorSettings(CommonSettings):
         default=32, ge=1, description="Groups per learner step, until the learner publishes it."
     )
     lease_ttl_s: float = Field(
-        default=120.0, gt=0, description="Flow-control lease: longer than one engine call."
+        default=10.0,
+        gt=0,
+        description="Flow-control lease of the batch in generation, renewed every heartbeat: "
+        "what a dead generator's budget stays held. At least 2 heartbeats.",
     )
     hf_seed_mode: Literal["group", "batch"] = Field(
         default="group",
@@ -194,6 +197,16 @@ class GeneratorSettings(CommonSettings):
         description="vllm-cpu: cores of its OpenMP threads (VLLM_CPU_OMP_THREADS_BIND if unset); "
         "all: every core.",
     )
+
+    @model_validator(mode="after")
+    def _lease_outlives_a_beat(self) -> GeneratorSettings:
+        if self.lease_ttl_s < 2 * self.heartbeat_s:
+            raise ValueError(
+                f"lease_ttl_s={self.lease_ttl_s:g} is shorter than two heartbeats "
+                f"(heartbeat_s={self.heartbeat_s:g}): a live generator's lease would expire "
+                "between renewals"
+            )
+        return self
 
 
 class VerifierSettings(CommonSettings):
@@ -259,6 +272,13 @@ class LearnerSettings(CommonSettings):
     eval_samples: int = Field(default=200, ge=1)
     eval_k: int = Field(default=4, ge=1)
     wait_timeout_s: float = Field(default=0.0, ge=0, description="0: wait for data forever.")
+    waiting_after_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="Seconds without a step after which the learner says why (`waiting` in "
+        "/v1/status, and its log); skipped and dropped groups are also released (acked, the "
+        "stream trimmable) at least this often, without waiting for a checkpoint.",
+    )
     consumer: str | None = Field(
         default=None, description="Stable consumer name; None: learner-<run>-rank0."
     )
@@ -275,7 +295,18 @@ class LearnerSettings(CommonSettings):
     eval_max_tokens: int | None = Field(default=None, ge=1, description="None: per eval set.")
     eval_at_start: bool = True
     weight_sync_backend: Literal["auto", "gloo", "nccl"] = "auto"
-    weight_sync_member_ttl_s: float = Field(default=15.0, gt=0)
+    weight_sync_member_ttl_s: float = Field(
+        default=15.0,
+        gt=0,
+        description="Longest a silent generator counts as live; members that say how often "
+        "they refresh drop out after 3 missed refreshes + 1 s when that is sooner.",
+    )
+    weight_sync_join_timeout_s: float = Field(
+        default=15.0,
+        gt=0,
+        description="How long a rebuilt weight-sync group waits for its members to join (a dead "
+        "one never does); capped by weight_sync_timeout_s.",
+    )
     weight_sync_bucket_mb: int = Field(default=1024, ge=1)
     weight_sync_dtype: Literal["float32", "bfloat16", "float16"] = Field(
         default="float32",
@@ -322,6 +353,11 @@ class ApiSettings(CommonSettings):
     max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
     max_prompts_per_request: int = Field(default=1000, ge=1)
     feed_max_backlog: int = Field(default=512, ge=1, description="prompts backlog bound.")
+    verifiers: list[str] = Field(
+        default_factory=lambda: ["arith", "exact", "math"],
+        description="Verifier names accepted until a verifier replica has published the names "
+        "it offers (then those count); add plugin names to submit before any verifier started.",
+    )
     dataset_roots: list[Path] = Field(
         default_factory=list, description="Server-side dataset files must lie under one of these."
     )

@@ -7,7 +7,8 @@ item, or joined), a full solution whose last ``\\boxed{}`` is the answer (Minerv
 answer follows a marker (GSM8K's ``#### ``) or matches a regex. The row-level rules live in
 ``conspo.rows`` because ``conspo eval`` maps benchmark rows with them too (one mapping for
 training and evaluation); this module adds what only the api needs: user regexes, ids, limits,
-metadata. A row that cannot be mapped is rejected with its line number and reason; the rest load.
+metadata, and the admission check (``check``: a prompt too long for the served model). A row
+that cannot be mapped or is refused is rejected with its line number and reason; the rest load.
 
 ``answer_regex`` is user input applied to every row: it runs through the ``regex`` module with a
 per-row timeout when that module is installed (it is, as a dependency of transformers), so a
@@ -19,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,8 +46,11 @@ class LoadResult:
     rejected_count: int
 
 
+RowCheck = Callable[[dict[str, Any]], str | None]  # a mapped row -> why it is refused, or None
+
+
 class Mapper:
-    def __init__(self, spec: DatasetSpec) -> None:
+    def __init__(self, spec: DatasetSpec, check: RowCheck | None = None) -> None:
         self.spec = spec
         self._format = PromptFormat(
             template=spec.template, system_prompt=spec.system_prompt, chat=spec.chat
@@ -56,6 +61,7 @@ class Mapper:
             answer_after=spec.answer_after,
             answer_join=spec.answer_join,
         )
+        self.check = check
         self._pattern: Any = None
         if spec.answer_regex is not None:
             try:
@@ -129,6 +135,10 @@ class Mapper:
             row_id = str(line)
         out: dict[str, Any] = {"id": row_id, "answer": self.answer(row), **rendered}
         out["metadata"] = self._metadata(row)
+        if self.check is not None:
+            refused = self.check(out)
+            if refused:
+                raise RowError(refused)
         return out
 
 
@@ -153,8 +163,10 @@ def _accept(
     return 0
 
 
-def load_jsonl(data: bytes, spec: DatasetSpec, max_rows: int) -> LoadResult:
-    mapper = Mapper(spec)
+def load_jsonl(
+    data: bytes, spec: DatasetSpec, max_rows: int, check: RowCheck | None = None
+) -> LoadResult:
+    mapper = Mapper(spec, check)
     rows: list[dict[str, Any]] = []
     rejected: list[RejectedRow] = []
     seen: set[str] = set()
@@ -178,8 +190,10 @@ def load_jsonl(data: bytes, spec: DatasetSpec, max_rows: int) -> LoadResult:
     return LoadResult(rows, rejected, count)
 
 
-def load_inline(items: list[dict[str, Any]], spec: DatasetSpec, max_rows: int) -> LoadResult:
-    mapper = Mapper(spec)
+def load_inline(
+    items: list[dict[str, Any]], spec: DatasetSpec, max_rows: int, check: RowCheck | None = None
+) -> LoadResult:
+    mapper = Mapper(spec, check)
     rows: list[dict[str, Any]] = []
     rejected: list[RejectedRow] = []
     seen: set[str] = set()
