@@ -13,14 +13,14 @@ seed. The loop keeps what decides the learning dynamics identical to the pipelin
 
 - sampling: ``conspo.models.sample_groups`` (the ``hf`` generator's sampler), temperature 1,
   behaviour log-probs recorded;
-- grading: the task's in-process rule (``Task.grade``: for ``chain`` the ``math`` verifier's
-  ``grade_one``, the very function the verifier service runs);
+- grading: the task's in-process rule (``Task.grade``: for ``chain`` ``conspo.grading``'s
+  ``grade_one`` with the ``math`` verifier, the very function the verifier service runs);
 - the update: the learner's own ``services.learner.step.Trainer.step`` (the same objective
   registry, margin schedules, denominators, whole-group micro-batches, grad clipping, AdamW and
   LR schedule), fed ``TrainGroup`` objects as the learner builds them; groups whose rewards are
   all equal are skipped, as the learner does (``skip_uninformative``);
-- evaluation: the learner's ``services.learner.evaluation.Evaluator`` on the task's held-out
-  split: greedy pass@1 and avg@k at the paper's evaluation sampling (T 0.6, top-p 0.95).
+- evaluation: the learner's ``conspo.evaluation.Evaluator`` on the task's held-out split:
+  greedy pass@1 and avg@k at the paper's evaluation sampling (T 0.6, top-p 0.95).
 
 Schedule (the DisCO / ConSPO recipe, ``docs/conspo.md`` section 6): each rollout batch samples
 ``--rollout-prompts`` prompts x G (8) with the current policy, then ``--updates`` (4) optimizer
@@ -245,10 +245,10 @@ def train_one(job: dict[str, Any]) -> dict[str, Any]:
     """One (objective, seed) run; executed in a worker process."""
     import torch
 
-    from conspo.models.tiny import load_policy
+    from conspo.evaluation import Evaluator, load_eval_set
+    from conspo.models.tiny import context_length, load_policy
     from conspo.tasks.arith import iter_batches
     from conspo.tasks.registry import get_task
-    from services.learner.evaluation import Evaluator, load_eval_set
 
     started = time.perf_counter()
     torch.set_num_threads(job["threads"])
@@ -265,6 +265,7 @@ def train_one(job: dict[str, Any]) -> dict[str, Any]:
         top_p=0.95,
         max_tokens=job["max_tokens"],
         seed=0,
+        max_model_len=context_length(model, tok),
     )
     batches = iter_batches(task.split().train, job["rollout_prompts"], seed=job["seed"])
     per_update = job["rollout_prompts"] // job["updates"]

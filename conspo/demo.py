@@ -1,13 +1,14 @@
 """``conspo demo``: the embedded default, one command on a machine with no GPU and no Docker.
 
-It takes a bundled task (``--task``, default ``arith``; ``conspo.tasks.registry`` holds
-everything task-specific: model, data, verifier, budget, RL settings) with its warm-started tiny
-model (or redoes the warm start with ``--fresh``), uses the Redis at ``$CONSPO_REDIS_URL`` /
-127.0.0.1:6379 if one answers (else starts a private ``redis-server``), spawns the api, one
-``hf`` generator, the verifiers and the learner as subprocesses (``conspo.launch.LocalStack``),
-submits the task's training split through the REST API, shows live progress and ends with
-held-out greedy accuracy before and after, the fate of every submitted prompt, and the path of
-the learning-curve PNG.
+It is ``conspo train`` (``conspo.train``) with a bundled task's bits filled in by ``demo_task``
+from the task registry (``--task``, default ``arith``; ``conspo.tasks.registry`` holds everything
+task-specific): the task's warm-started tiny model (or the warm start redone with ``--fresh``),
+its training split as inline rows, its verifier, generation budget and RL settings, and its
+held-out set. Like train, it uses the Redis at ``$CONSPO_REDIS_URL`` / 127.0.0.1:6379
+if one answers (else starts a private ``redis-server``), spawns every service as a subprocess,
+submits the rows through the REST API, shows live progress and ends with held-out greedy
+accuracy before and after, the fate of every submitted prompt, and the path of the
+learning-curve PNG. ``--config`` takes the same file as train (``[train]`` or ``[demo]`` table).
 
 The run is a function of its seed: the run name, the data order, the sampling seeds and the
 learner's initialisation all derive from it. The asynchronous schedule itself (which groups land
@@ -18,70 +19,23 @@ last bit; ``--max-staleness 0`` makes the schedule synchronous.
 from __future__ import annotations
 
 import argparse
-import json
-import logging
-import os
-import shutil
 import sys
-import time
-from pathlib import Path
 from typing import Any
 
-from conspo.launch import LocalStack, StackConfig
 from conspo.logs import setup as setup_logging
-from conspo.redis_conn import reachable_or_local
-from conspo.state import RunStore
-from conspo.tasks.registry import DEFAULT_TASK, Task, get_task
+from conspo.tasks.registry import DEFAULT_TASK, get_task
+from conspo.train import print_results, run_training
+from conspo.train_config import resolve
 
-log = logging.getLogger("conspo.demo")
-DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
-
-# Not task-specific; the steps, batch, lr and evaluation come from the task (its ``rl`` table,
-# tuned on a 2-core CPU: docs/benchmarks.md).
+# What is not task-specific; the task's ``rl`` table holds the steps, batch, lr and evaluation
+# (tuned on a 2-core CPU: docs/benchmarks.md).
 DEFAULTS: dict[str, Any] = {
     "objective": "conspo",
     "verifiers": 2,
     "seed": 0,
     "max_staleness": 1,
+    "checkpoint_every": 10,
 }
-
-
-def _arg(args: argparse.Namespace, name: str) -> Any:
-    value = getattr(args, name, None)
-    return DEFAULTS[name] if value is None else value
-
-
-def _task(args: argparse.Namespace) -> Task:
-    return get_task(getattr(args, "task", None))
-
-
-def build_config(args: argparse.Namespace, redis_url: str, model: Path) -> StackConfig:
-    task = _task(args)
-    seed = int(_arg(args, "seed"))
-    run = f"demo-s{seed}" if task.name == DEFAULT_TASK else f"demo-{task.name}-s{seed}"
-    out = Path(args.out) if getattr(args, "out", None) else Path("runs") / run
-    steps = getattr(args, "steps", None)
-    return StackConfig(
-        run=run,
-        out_dir=out,
-        redis_url=redis_url,
-        model_path=model,
-        objective=_arg(args, "objective"),
-        steps=int(task.rl.steps if steps is None else steps),
-        batch_groups=task.rl.batch_groups,
-        group_size=task.rl.group_size,
-        verifiers=int(_arg(args, "verifiers")),
-        max_staleness=int(_arg(args, "max_staleness")),
-        seed=seed,
-        lr=task.rl.lr,
-        temperature=task.rl.temperature,
-        max_tokens=task.max_tokens,
-        eval_set=task.name,
-        eval_every=task.rl.eval_every,
-        eval_samples=task.rl.eval_samples,
-        checkpoint_every=10,
-        log_level="WARNING" if getattr(args, "quiet", False) else "INFO",
-    )
 
 
 def training_rows(task: str | None = None) -> list[dict[str, str]]:
@@ -93,101 +47,42 @@ def training_rows(task: str | None = None) -> list[dict[str, str]]:
     return get_task(task).training_rows()
 
 
-class Progress:
-    """One status line per tick: step, reward, held-out accuracy, queues, staleness."""
+def demo_task(fresh: bool = False, task: str | None = None) -> dict[str, Any]:
+    """Everything task-specific about the demo, as ``conspo train`` knobs, from the task
+    registry: the bundled model, the training rows, the verifier, the token budget, the RL
+    settings and the held-out set."""
+    from conspo.models import ensure_checkpoint
 
-    def __init__(self, total: int, quiet: bool) -> None:
-        self.total, self.quiet = total, quiet
-        self.tty = sys.stderr.isatty()
-        self.last = ""
-
-    def __call__(self, status: dict[str, Any]) -> None:
-        if self.quiet:
-            return
-        train = status.get("curves", {}).get("train") or [{}]
-        evals = status.get("curves", {}).get("eval") or [{}]
-        q = status.get("queues", {})
-        point = train[-1]
-        line = (
-            f"step {status.get('step') or 0:>3}/{self.total}"
-            f"  v{status.get('policy_version') or 0}"
-            f"  reward {point.get('reward_mean', float('nan')):.3f}"
-            f"  held-out {_fmt_acc(evals[-1])}"
-            f"  queued p/r/l {_depth(q, 'prompts')}/{_depth(q, 'rollouts')}/{_lag(q, 'labeled')}"
-            f"  staleness {point.get('staleness_mean', 0.0):.2f}"
-        )
-        if line != self.last:
-            end = "\r" if self.tty else "\n"
-            print(line.ljust(100), end=end, file=sys.stderr, flush=True)
-            self.last = line
+    spec = get_task(task)
+    return {
+        "model": ensure_checkpoint(None, fresh=fresh, task=spec.name),
+        "rows": spec.training_rows(),
+        "dataset_name": f"{spec.name}-train",
+        "epochs": 10,
+        "verifier": spec.verifier,
+        "max_tokens": spec.max_tokens,
+        "chat": "off",
+        "eval": spec.name,
+        **spec.rl.model_dump(),
+    }
 
 
-def _depth(queues: dict[str, Any], name: str) -> int:
-    q = queues.get(name) or {}
-    return int(q.get("pending", 0)) + int(q.get("lag", 0))
-
-
-def _lag(queues: dict[str, Any], name: str) -> int:
-    # The learner holds what it trained on until the next checkpoint: not a backlog.
-    return int((queues.get(name) or {}).get("lag", 0))
-
-
-def _fmt_acc(point: dict[str, Any]) -> str:
-    acc = _greedy(point)
-    return "  -  " if acc is None else f"{acc:.1%}"
-
-
-def _greedy(point: dict[str, Any]) -> float | None:
-    for key in ("greedy_accuracy", "greedy", "accuracy_greedy"):
-        if key in point:
-            return float(point[key])
-    return None
+def run_name(task: str | None, seed: int) -> str:
+    """``demo-s<seed>`` for the default task, ``demo-<task>-s<seed>`` for the others."""
+    name = get_task(task).name
+    return f"demo-s{seed}" if name == DEFAULT_TASK else f"demo-{name}-s{seed}"
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the demo; returns the summary (also written to <out>/summary.json)."""
-    from conspo.models import ensure_checkpoint
-
-    started = time.monotonic()
-    task = _task(args)
-    model = ensure_checkpoint(None, fresh=bool(getattr(args, "fresh", False)), task=task.name)
-    seed = int(_arg(args, "seed"))
-    with reachable_or_local(os.environ.get("CONSPO_REDIS_URL") or DEFAULT_REDIS) as redis_url:
-        cfg = build_config(args, redis_url, model)
-        shutil.rmtree(cfg.out_dir, ignore_errors=True)
-        stack = LocalStack(cfg)
-        log.info("run %s: model %s, redis %s, logs in %s", cfg.run, model, redis_url, stack.log_dir)
-        try:
-            stack.start()
-            rows = task.training_rows()
-            stack.submit_dataset(rows, epochs=10, name=f"{task.name}-train", verifier=task.verifier)
-            stack.wait_finished(
-                timeout=3600, on_tick=Progress(cfg.steps, getattr(args, "quiet", False))
-            )
-            print(file=sys.stderr)
-        finally:
-            store = RunStore(stack.client, stack.keys)
-            evals = store.series("eval")
-            train = store.series("train")
-            codes = stack.stop()
-        accounting = LocalStack(cfg).accounting()
-    summary = {
-        "run": cfg.run,
-        "task": task.name,
-        "objective": cfg.objective,
-        "steps": cfg.steps,
-        "seed": seed,
-        "wall_seconds": round(time.monotonic() - started, 1),
-        "accuracy_before": _greedy(evals[0]) if evals else None,
-        "accuracy_after": _greedy(evals[-1]) if evals else None,
-        "eval": evals,
-        "final_train": train[-1] if train else {},
-        "accounting": accounting,
-        "exit_codes": codes,
-        "curves_png": str(cfg.out_dir / cfg.run / "curves.png"),
-    }
-    (cfg.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
+    name = getattr(args, "task", None)
+    task = {**DEFAULTS, **demo_task(fresh=bool(getattr(args, "fresh", False)), task=name)}
+    cfg, raw = resolve(args, getattr(args, "config", None), task=task, tables=("train", "demo"))
+    if cfg.run is None:
+        cfg = cfg.model_copy(update={"run": run_name(name, cfg.seed)})
+    if cfg.quiet:
+        cfg = cfg.model_copy(update={"log_level": "WARNING"})
+    return run_training(cfg, raw)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -197,23 +92,4 @@ def main(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted: every service was stopped", file=sys.stderr)
         return 130
-    before, after = summary["accuracy_before"], summary["accuracy_after"]
-    acc = summary["accounting"]
-    print(
-        f"\nheld-out greedy accuracy: {_pct(before)} -> {_pct(after)}  ({summary['task']}, "
-        f"{summary['objective']}, "
-        f"{summary['steps']} steps, {summary['wall_seconds']:.0f}s)"
-    )
-    print(
-        "prompts: submitted {submitted}, generated {generated}, labelled {labelled}, trained "
-        "{trained}, skipped {skipped}, dropped {dropped}, dead {dead}, still queued {q}, "
-        "lost {lost}, duplicated {duplicated}".format(
-            q=acc["queued_prompts"] + acc["queued_rollouts"] + acc["queued_labeled"], **acc
-        )
-    )
-    print(f"learning curves: {summary['curves_png']}")
-    return 0 if acc["lost"] == 0 and acc["duplicated"] == 0 else 1
-
-
-def _pct(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.1%}"
+    return print_results(summary)

@@ -22,9 +22,9 @@ seeded ``random.Random`` draws unique problems, the first ``n_test`` are held ou
 ``n_train`` are for training. Drawing more training problems never changes the held-out ones,
 and nothing depends on the global RNG or the Python version.
 
-``grade`` is the pipeline's own rule: ``services.verifier`` grading with the ``math`` verifier
-(last ``\\boxed{}``, math-verify's integer comparison), imported lazily so that building a
-split does not import the verifier.
+``grade`` is the pipeline's own rule: ``conspo.grading.grade_one`` with the ``math`` verifier
+(last ``\\boxed{}``, math-verify's integer comparison), what the verifier service runs; imported
+lazily so that building a split does not import math-verify.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ __all__ = [
     "sample_problem",
 ]
 
-#: The verifier (``services.verifier`` registry name) the pipeline grades this task with.
+#: The verifier (``conspo.grading`` registry name) the pipeline grades this task with.
 VERIFIER = "math"
 
 
@@ -166,14 +166,14 @@ def make_split(
 
 def grade(completion_text: str, answer: str) -> bool:
     """True when the ``math`` verifier grades the completion correct (the pipeline's rule)."""
+    from conspo.grading.grade import grade_one
     from conspo.protocol import Verdict
-    from services.verifier.grading import grade_one
 
     return grade_one(completion_text, answer, VERIFIER, _grade_config()).verdict == Verdict.CORRECT
 
 
 @lru_cache(maxsize=1)
 def _grade_config():
-    from services.verifier.config import GradeConfig
+    from conspo.grading.config import GradeConfig
 
     return GradeConfig()

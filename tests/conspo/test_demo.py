@@ -4,31 +4,43 @@ from __future__ import annotations
 
 import argparse
 
-from conspo.demo import build_config, training_rows
+from conspo.demo import DEFAULTS, demo_task, run_name, training_rows
 from conspo.demo_args import add_demo_arguments
 from conspo.tasks.registry import get_task
+from conspo.train_config import resolve
 
 
-def _args(*argv: str) -> argparse.Namespace:
+def _config(*argv: str):
     parser = argparse.ArgumentParser()
     add_demo_arguments(parser)
-    return parser.parse_args(list(argv))
+    args = parser.parse_args(list(argv))
+    task = {**DEFAULTS, **demo_task(task=args.task)}
+    cfg, _ = resolve(args, None, task=task, tables=("train", "demo"))
+    return cfg
 
 
-def test_default_task_is_the_arithmetic_demo(tmp_path):
-    cfg = build_config(_args("--out", str(tmp_path)), "redis://x:1/0", tmp_path)
-    assert (cfg.run, cfg.eval_set, cfg.max_tokens) == ("demo-s0", "arith", 8)
+def test_default_task_is_the_arithmetic_demo():
+    cfg = _config()
+    assert (cfg.verifier, cfg.eval, cfg.max_tokens, cfg.dataset_name) == (
+        "arith",
+        "arith",
+        8,
+        "arith-train",
+    )
     assert (cfg.steps, cfg.lr, cfg.batch_groups, cfg.eval_samples) == (200, 1e-4, 32, 500)
+    assert cfg.model == get_task("arith").checkpoint
+    assert run_name(None, 3) == "demo-s3"
 
 
-def test_chain_task_takes_its_budget_lr_and_eval_set(tmp_path):
+def test_chain_task_takes_its_model_verifier_budget_lr_and_eval_set():
     task = get_task("chain")
-    cfg = build_config(_args("--task", "chain", "--seed", "2"), "redis://x:1/0", tmp_path)
-    assert cfg.run == "demo-chain-s2"
-    assert str(cfg.out_dir) == "runs/demo-chain-s2"
-    assert (cfg.eval_set, cfg.max_tokens, cfg.lr) == ("chain", task.max_tokens, task.rl.lr)
-    assert cfg.eval_samples == task.rl.eval_samples
-    assert build_config(_args("--task", "chain", "--steps", "7"), "r", tmp_path).steps == 7
+    cfg = _config("--task", "chain", "--seed", "2")
+    assert (cfg.verifier, cfg.eval, cfg.max_tokens) == ("math", "chain", task.max_tokens)
+    assert (cfg.lr, cfg.eval_samples) == (task.rl.lr, task.rl.eval_samples)
+    assert cfg.model == task.checkpoint
+    assert cfg.rows is not None and len(cfg.rows) == len(task.split().train)
+    assert run_name("chain", cfg.seed) == "demo-chain-s2"
+    assert _config("--task", "chain", "--steps", "7").steps == 7  # flags beat the task
 
 
 def test_training_rows_are_the_task_training_split():

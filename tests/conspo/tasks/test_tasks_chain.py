@@ -7,6 +7,8 @@ import re
 
 import pytest
 
+from conspo.grading.config import GradeConfig
+from conspo.grading.grade import grade_one
 from conspo.protocol import Verdict
 from conspo.tasks.chain import (
     DEFAULT_SPEC,
@@ -17,8 +19,6 @@ from conspo.tasks.chain import (
     sample_problem,
 )
 from conspo.tasks.registry import get_task
-from services.verifier.config import GradeConfig
-from services.verifier.grading import grade_one
 
 LINE = re.compile(r"(\d+)([+-])(\d+)=(\d+)")
 

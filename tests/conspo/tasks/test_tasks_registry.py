@@ -7,11 +7,11 @@ import json
 
 import pytest
 
+from conspo.grading.config import GradeConfig
+from conspo.grading.grade import grade_one
+from conspo.grading.verifiers.registry import get_verifier
 from conspo.protocol import Verdict
 from conspo.tasks.registry import DEFAULT_TASK, TASKS, UnknownTaskError, get_task
-from services.verifier.config import GradeConfig
-from services.verifier.grading import grade_one
-from services.verifier.verifiers.registry import get_verifier
 
 
 def test_default_and_unknown():
