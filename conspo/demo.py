@@ -61,7 +61,10 @@ def demo_task(fresh: bool = False, task: str | None = None) -> dict[str, Any]:
         "epochs": 10,
         "verifier": spec.verifier,
         "max_tokens": spec.max_tokens,
+        # The bare problem text, as the warm start saw it: no chat turn, and no math
+        # instruction even where the task's verifier is `math` (train adds one by default).
         "chat": "off",
+        "template": "",
         "eval": spec.name,
         **spec.rl.model_dump(),
     }

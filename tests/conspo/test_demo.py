@@ -7,7 +7,7 @@ import argparse
 from conspo.demo import DEFAULTS, demo_task, run_name, training_rows
 from conspo.demo_args import add_demo_arguments
 from conspo.tasks.registry import get_task
-from conspo.train_config import resolve
+from conspo.train_config import prompt_format, resolve
 
 
 def _config(*argv: str):
@@ -38,6 +38,8 @@ def test_chain_task_takes_its_model_verifier_budget_lr_and_eval_set():
     assert (cfg.verifier, cfg.eval, cfg.max_tokens) == ("math", "chain", task.max_tokens)
     assert (cfg.lr, cfg.eval_samples) == (task.rl.lr, task.rl.eval_samples)
     assert cfg.model == task.checkpoint
+    fmt = prompt_format(cfg.verifier, True, template=cfg.template, chat=cfg.chat)
+    assert fmt.prompt("x", "63+34-52+65=", "110", "math").text == "63+34-52+65="  # bare, as SFT
     assert cfg.rows is not None and len(cfg.rows) == len(task.split().train)
     assert run_name("chain", cfg.seed) == "demo-chain-s2"
     assert _config("--task", "chain", "--steps", "7").steps == 7  # flags beat the task
