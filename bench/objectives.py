@@ -347,9 +347,10 @@ def gradient_cosines(job: dict[str, Any], objectives: list[str], prompts: int = 
     for spec in objectives:
         model, tok = load_policy(job["model"])
         _trainer(job, spec, model, tok).accumulate(chosen, job["steps"] // 2, job["steps"])
+        # float64: a float32 cosine over 0.5M entries is off by ~1e-4
         grads[spec] = torch.cat(
             [p.grad.flatten() for p in model.parameters() if p.grad is not None]
-        )
+        ).double()
     cos = torch.nn.functional.cosine_similarity
     return {
         "groups": len(chosen),
@@ -473,7 +474,8 @@ def _pts(c: dict[str, Any]) -> str:
     return f"{100 * c['mean']:+.1f} ± {half} pts ({verdict})"
 
 
-def main() -> int:
+def parse_args() -> tuple[argparse.Namespace, dict[str, Any] | None]:
+    """The command line, completed from the task's sizes (or from ``--from``'s stored run)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--task", default="arith", help="bundled task: arith (default) or chain")
     ap.add_argument("--model", default=None, help="checkpoint (default: the task's bundled one)")
@@ -522,6 +524,69 @@ def main() -> int:
         raise SystemExit("--rollout-prompts must be a multiple of --updates")
     if args.steps < 1 or args.eval_every < 1:
         raise SystemExit("--steps and --eval-every must be >= 1")
+    return args, previous
+
+
+def run_jobs(jobs: list[dict[str, Any]], workers: int, k: int) -> list[dict[str, Any]]:
+    """Every (objective, seed) run, ``workers`` at a time, each printed as it ends."""
+    results: list[dict[str, Any]] = []
+    with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+        futures = {pool.submit(train_one, job): job for job in jobs}
+        for fut in cf.as_completed(futures):
+            r = fut.result()
+            results.append(r)
+            first, last = r["curve"][0], r["curve"][-1]
+            print(
+                f"  {r['objective']:<18} seed {r['seed']}: greedy {first['greedy']:.3f} -> "
+                f"{last['greedy']:.3f}, avg@{k} {first['avg']:.3f} -> {last['avg']:.3f} "
+                f"({r['wall_s']:.0f}s)",
+                flush=True,
+            )
+    return results
+
+
+def print_table(per_objective: dict[str, Any], cosines: dict[str, Any], k: int) -> None:
+    to_conspo = cosines["cosine"].get("conspo", {})
+    rows = []
+    for name, v in per_objective.items():
+        p_pos = v["mean_p_pos"]
+        rows.append(
+            [
+                name,
+                _fmt(v["late_greedy"]),
+                _fmt(v["late_avg_k"]),
+                " ".join(f"{x:.3f}" for x in v["late"]),
+                f"{v['length_start']:.1f} -> {v['length_end']:.1f}",
+                "—" if not math.isfinite(p_pos) else f"{p_pos:.4f} ({v['mean_p_pos_uniform']:.4f})",
+                f"{v['score_gap']:.3f}",
+                f"{v['informative_frac']:.2f}",
+                f"{to_conspo[name]:.3f}" if name in to_conspo else "—",
+            ]
+        )
+    header_row = ["objective", "greedy (late, ± 95%)", f"avg@{k} (late, ± 95%)"]
+    header_row += ["greedy per seed", "length start -> end", "mean P+ (uniform)", "score gap"]
+    print(table(rows, [*header_row, "informative", "grad cos (conspo)"]))
+
+
+def compare(per_objective: dict[str, Any], k: int) -> dict[str, dict[str, Any]]:
+    """Paired differences (late greedy and late avg@k) to GRPO and to ConSPO, printed."""
+    comparisons: dict[str, dict[str, Any]] = {}
+    for base in ("grpo", "conspo"):
+        if base not in per_objective or per_objective[base]["late_greedy"]["n"] < 2:
+            continue
+        print(f"\nminus {base}, paired by seed (late greedy; late avg@{k}):")
+        for name, v in per_objective.items():
+            if name == base:
+                continue
+            g = paired(v["late"], per_objective[base]["late"])
+            a = paired(v["late_avg_values"], per_objective[base]["late_avg_values"])
+            comparisons.setdefault(base, {})[name] = {"greedy": g, "avg": a}
+            print(f"  {name:<18} {_pts(g)}; {_pts(a)}")
+    return comparisons
+
+
+def main() -> int:
+    args, previous = parse_args()
     logging.basicConfig(level=logging.WARNING)
     model = model_path(args.model, args.task)
     hp, hp_source = rl_hyperparameters(model, args.task)
@@ -541,24 +606,10 @@ def main() -> int:
         f"{hp['max_tokens']} tokens; lr {hp['lr']} ({hp_source}); held-out n={args.n_eval}, "
         f"avg@{args.k}; {workers} worker(s) x {args.threads} thread(s)"
     )
+    shared = {key: getattr(args, key) for key in REPLAYED if key not in ("objectives", "seeds")}
+    settings = {key: hp[key] for key in ("lr", "group_size", "temperature", "max_tokens")}
     jobs = [
-        {
-            "task": args.task,
-            "objective": name,
-            "seed": seed,
-            "model": str(model),
-            "steps": args.steps,
-            "rollout_prompts": args.rollout_prompts,
-            "updates": args.updates,
-            "eval_every": args.eval_every,
-            "n_eval": args.n_eval,
-            "k": args.k,
-            "lr": hp["lr"],
-            "group_size": hp["group_size"],
-            "temperature": hp["temperature"],
-            "max_tokens": hp["max_tokens"],
-            "threads": args.threads,
-        }
+        {**shared, **settings, "objective": name, "seed": seed, "model": str(model)}
         for seed in args.seeds
         for name in args.objectives
     ]
@@ -569,77 +620,22 @@ def main() -> int:
             f"gradient cosine with conspo at the warm start ({cosines['groups']} groups): "
             + ", ".join(f"{n} {c:.3f}" for n, c in cosines["cosine"]["conspo"].items())
         )
-    results: list[dict[str, Any]] = [] if previous is None else previous["runs"]
     if previous is None:
-        with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-            futures = {pool.submit(train_one, job): job for job in jobs}
-            for fut in cf.as_completed(futures):
-                r = fut.result()
-                results.append(r)
-                print(
-                    f"  {r['objective']:<18} seed {r['seed']}: greedy "
-                    f"{r['curve'][0]['greedy']:.3f} -> {r['curve'][-1]['greedy']:.3f}, "
-                    f"avg@{args.k} {r['curve'][0]['avg']:.3f} -> {r['curve'][-1]['avg']:.3f} "
-                    f"({r['wall_s']:.0f}s)",
-                    flush=True,
-                )
-    wall = time.monotonic() - started if previous is None else previous["wall_s"]
+        results = run_jobs(jobs, workers, args.k)
+        wall = time.monotonic() - started
+    else:
+        results, wall = previous["runs"], previous["wall_s"]
     start_acc = _mean([r["curve"][0]["greedy"] for r in results])
     per_objective = {}
     for name in args.objectives:
         runs = sorted((r for r in results if r["objective"] == name), key=lambda r: r["seed"])
         per_objective[name] = summarise(runs)
-
-    rows = []
-    to_conspo = cosines["cosine"].get("conspo", {})
-    for name, v in per_objective.items():
-        p_pos = v["mean_p_pos"]
-        rows.append(
-            [
-                name,
-                _fmt(v["late_greedy"]),
-                _fmt(v["late_avg_k"]),
-                " ".join(f"{x:.3f}" for x in v["late"]),
-                f"{v['length_start']:.1f} -> {v['length_end']:.1f}",
-                "—" if not math.isfinite(p_pos) else f"{p_pos:.4f} ({v['mean_p_pos_uniform']:.4f})",
-                f"{v['score_gap']:.3f}",
-                f"{v['informative_frac']:.2f}",
-                f"{to_conspo[name]:.3f}" if name in to_conspo else "—",
-            ]
-        )
     print(
         f"\nwarm start greedy {start_acc:.3f}; every run generated {results[0]['samples']:,} "
         f"samples; wall {wall:.0f}s"
     )
-    print(
-        table(
-            rows,
-            [
-                "objective",
-                "greedy (late, ± 95%)",
-                f"avg@{args.k} (late, ± 95%)",
-                "greedy per seed",
-                "length start -> end",
-                "mean P+ (uniform)",
-                "score gap",
-                "informative",
-                "grad cos (conspo)",
-            ],
-        )
-    )
-    comparisons: dict[str, dict[str, Any]] = {}
-    if len(args.seeds) > 1:
-        for base in ("grpo", "conspo"):
-            if base not in per_objective:
-                continue
-            print(f"\nminus {base}, paired by seed (late greedy; late avg@{args.k}):")
-            for name, v in per_objective.items():
-                if name == base:
-                    continue
-                g = paired(v["late"], per_objective[base]["late"])
-                a = paired(v["late_avg_values"], per_objective[base]["late_avg_values"])
-                comparisons.setdefault(base, {})[name] = {"greedy": g, "avg": a}
-                print(f"  {name:<18} {_pts(g)}; {_pts(a)}")
+    print_table(per_objective, cosines, args.k)
+    comparisons = compare(per_objective, args.k)
     json_path, png_path = result_paths(args.json, f"objectives-{args.task}")
     if args.png:
         png_path = Path(args.png)
@@ -666,9 +662,9 @@ def main() -> int:
     best = max(per_objective, key=lambda n: per_objective[n]["late_greedy"]["mean"])
     text = "; ".join(f"{n} {v['late_greedy']['mean']:.3f}" for n, v in per_objective.items())
     sig = [
-        f"{n} vs {base}"
-        for base, rows_ in comparisons.items()
-        for n, c in rows_.items()
+        f"{n} vs {b}"
+        for b, rows in comparisons.items()
+        for n, c in rows.items()
         if c["greedy"]["sig"]
     ]
     summary(

@@ -75,7 +75,18 @@ def _group_gap(group: TrainGroup, scores: list[float]) -> float:
 
 @pytest.mark.parametrize(
     ("objective", "extra"),
-    [("conspo", {"margin": 0.01}), ("grpo", {}), ("dapo", {}), ("conspo", {"kl_beta": 0.1})],
+    [
+        ("conspo", {"margin": 0.01}),
+        ("grpo", {}),
+        ("dapo", {}),
+        ("conspo", {"kl_beta": 0.1}),
+        # ConSPO's ablations, selected by name like any objective (ratio scores need the
+        # behaviour log-probs, the fixed margin is applied from step 0).
+        ("conspo_ratio", {"margin": 0.01}),
+        ("conspo_linear", {}),
+        ("conspo_fixedmargin", {"margin": 0.01}),
+        ("conspo_nomargin", {}),
+    ],
 )
 def test_micro_batches_accumulate_the_full_batch_gradient(
     model_path, groups_factory, objective, extra
