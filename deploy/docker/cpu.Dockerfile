@@ -1,5 +1,3 @@
-# syntax=docker/dockerfile:1
-#
 # Slim CPU image: the api, the verifiers, and the whole `cpu` compose profile (hf generator with
 # the bundled tiny model, learner with gloo weight sync).
 #
