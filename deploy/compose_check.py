@@ -60,8 +60,7 @@ COMPOSE_FILE = REPO / "docker-compose.yml"
 ENV_EXAMPLE = REPO / ".env.example"
 PROFILE = "cpu"
 VERIFIERS = 3
-# The verifier's consumer name is verifier-<hostname>-<pid>-<random> (conspo.queue); a
-# container's hostname is its short id.
+# What the learner logs when it resumes, replays and steps (services/learner).
 RESUMED = re.compile(r"resuming from \S+ \(step (\d+)\)")
 REPLAYED = re.compile(r"replaying (\d+) pending entries")
 STEPPED = re.compile(r"^step (\d+)/")
@@ -224,6 +223,17 @@ def parse_xpending_summary(text: str) -> dict[str, int]:
     return {pairs[i]: int(pairs[i + 1]) for i in range(0, len(pairs) - 1, 2)}
 
 
+def services_to_build(model: dict[str, Any]) -> list[str]:
+    """One service per built image (``model`` is ``docker compose config``): the cpu services
+    all run conspo-cpu, and building it once per service, concurrently, costs one copy and
+    export of its 1.5 GB virtualenv layer each."""
+    first: dict[str, str] = {}
+    for name, svc in sorted(model["services"].items()):
+        if "build" in svc:
+            first.setdefault(svc.get("image") or name, name)
+    return sorted(first.values())
+
+
 def build_override(model: dict[str, Any], index_url: str, network: str) -> dict[str, Any]:
     """Build settings for every service that ``model`` (``docker compose config``) builds: the
     torch index and the build network of an offline host."""
@@ -340,6 +350,7 @@ class Check:
         takes a read's worth, is frozen again holding them, and is killed frozen: a verifier
         dying in the middle of grading."""
         ids = self.compose.containers("verifier")
+        # A verifier's consumer name is verifier-<hostname>-<pid>-<random> (conspo.queue).
         hosts = {c: self.compose.inspect(c, "{{.Config.Hostname}}") for c in ids}
         deadline = time.monotonic() + 300
         for attempt in range(10_000):
@@ -443,6 +454,7 @@ class Check:
 FIGURES = [
     ("build_s", "build (docker compose build)", "s"),
     ("up_s", "up until every service is healthy", "s"),
+    ("dataset_prompts", "prompts in the dataset (rows x epochs)", ""),
     ("first_step_s", "dataset submitted -> first learner step", "s"),
     ("scale_s", f"--scale verifier={VERIFIERS} until healthy", "s"),
     ("verifier_entries_held", "rollouts held by the killed verifier", ""),
@@ -470,13 +482,20 @@ def report(books: dict[str, int] | None, figures: dict[str, Any]) -> str:
 
 
 # -- main ------------------------------------------------------------------------------------------
-def check(args: argparse.Namespace, workdir: Path, figures: dict[str, Any]) -> dict[str, int]:
-    example = ENV_EXAMPLE.read_text()
-    env = {
+def compose_env() -> dict[str, str]:
+    """The caller's environment minus everything compose would interpolate: the generated env
+    file alone configures the stack (a variable set in the shell would win over it)."""
+    names = env_names(ENV_EXAMPLE.read_text())
+    return {
         k: v
         for k, v in os.environ.items()
-        if k not in env_names(example) and not k.startswith(("CONSPO_", "COMPOSE_"))
+        if k not in names and not k.startswith(("CONSPO_", "COMPOSE_"))
     }
+
+
+def check(args: argparse.Namespace, workdir: Path, figures: dict[str, Any]) -> dict[str, int]:
+    example = ENV_EXAMPLE.read_text()
+    env = compose_env()
     preflight(env)
     token, port = secrets.token_hex(16), free_port()
     datasets = workdir / "datasets"
@@ -496,8 +515,8 @@ def check(args: argparse.Namespace, workdir: Path, figures: dict[str, Any]) -> d
     compose = Compose(args.project, env_file, env)
     index_url = os.environ.get("TORCH_INDEX_URL", "")
     network = os.environ.get("COMPOSE_CHECK_BUILD_NETWORK", "")
+    model = json.loads(compose("config", "--format", "json", timeout=60))
     if index_url or network:
-        model = json.loads(compose("config", "--format", "json", timeout=60))
         override = workdir / "build.yml"
         override.write_text(yaml.safe_dump(build_override(model, index_url, network)))
         compose.files.append(override)
@@ -505,7 +524,8 @@ def check(args: argparse.Namespace, workdir: Path, figures: dict[str, Any]) -> d
     scenario = Check(compose, Api(port, token), args.steps, figures)
 
     say(f"building the {PROFILE} profile")
-    scenario.timed("build_s", lambda: compose("build", timeout=3600))
+    build = services_to_build(model)
+    scenario.timed("build_s", lambda: compose("build", *build, timeout=3600))
     say("docker compose up -d --wait")
     scenario.timed("up_s", lambda: compose("up", "-d", "--wait", "--wait-timeout", "600"))
     say(f"submitting {dataset_path} ({rows} rows) by server-side path")
@@ -534,8 +554,7 @@ def teardown(args: argparse.Namespace, workdir: Path, failed: bool) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     env_file = workdir / "check.env"
     if env_file.exists():
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("CONSPO_", "COMPOSE_"))}
-        compose = Compose(args.project, env_file, env)
+        compose = Compose(args.project, env_file, compose_env())
         build = workdir / "build.yml"
         if build.exists():
             compose.files.append(build)
@@ -572,11 +591,14 @@ def main(argv: list[str] | None = None) -> int:
         code = 2
     except CheckFailedError as exc:
         print(f"compose-check: FAILED: {exc}", file=sys.stderr)
-    except (KeyboardInterrupt, SystemExit) as exc:
-        print(f"compose-check: interrupted ({type(exc).__name__})", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("compose-check: interrupted", file=sys.stderr)
         code = 130
+    except SystemExit as exc:  # SIGTERM, e.g. from `timeout`
+        print("compose-check: terminated", file=sys.stderr)
+        code = exc.code if isinstance(exc.code, int) else 1
     finally:
-        teardown(args, workdir, failed=code == 1)
+        teardown(args, workdir, failed=code not in (0, 2))
     figures["total_s"] = round(time.monotonic() - started, 1)
     if code != 2:
         print(report(books, figures))

@@ -151,6 +151,14 @@ def test_build_override_reaches_every_built_service(cc, compose_binary, tmp_path
         assert build["dockerfile"] == "deploy/docker/cpu.Dockerfile", "the project's own file"
 
 
+def test_builds_each_image_once(cc, compose_binary, tmp_path):
+    model = _config(compose_binary, _check_env(cc, tmp_path))
+    (service,) = cc.services_to_build(model)
+    assert model["services"][service]["image"] == "conspo-cpu:0.1.0"
+    images = {svc["image"] for svc in model["services"].values() if "build" in svc}
+    assert images == {"conspo-cpu:0.1.0"}, "every built cpu service runs the one image"
+
+
 def _redis_cli() -> str:
     found = shutil.which("redis-cli") or shutil.which(
         "redis-cli", path=str(Path(sys.executable).parent)
