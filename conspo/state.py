@@ -4,6 +4,10 @@ Counters are HINCRBY on one hash so any replica can add to them without coordina
 reads the whole hash in one call. Heartbeats carry each instance's status and last error, and an
 instance whose heartbeat is older than a few intervals is reported as gone, not deleted, so a
 crash stays visible.
+
+``waiting`` (a JSON ``Waiting`` in the state hash) is the learner's own account of why no step is
+happening; it is written while the learner waits longer than ``waiting_after_s`` and deleted by
+the next step, so the api can show it without knowing anything about the learner's internals.
 """
 
 from __future__ import annotations
@@ -13,9 +17,30 @@ import time
 from collections.abc import Mapping
 
 import redis
+from pydantic import BaseModel, Field, ValidationError
 
 from conspo.keys import Keys
 from conspo.protocol import DecodeError, Heartbeat, decode, encode
+
+WAITING_FIELD = "waiting"
+
+
+class Waiting(BaseModel):
+    """Why a service is not making progress, published while it lasts."""
+
+    service: str = Field(description="Who is waiting (today only the learner says it).")
+    code: str = Field(
+        description="Short machine-readable cause: `all_equal_rewards`, `stale`, `no_data`, "
+        "`filling`."
+    )
+    reason: str = Field(description="One human sentence with the numbers.")
+    since: float = Field(description="Unix seconds: when the wait began.")
+
+
+def is_alive(beat: Heartbeat, horizon_s: float, now: float | None = None) -> bool:
+    """The api's rule: a beat younger than ``horizon_s`` from an instance that did not stop."""
+    now = time.time() if now is None else now
+    return now - beat.at <= horizon_s and beat.status not in ("stopped", "failed")
 
 
 class RunStore:
@@ -42,6 +67,16 @@ class RunStore:
     def fields(self) -> dict[str, str]:
         return {k.decode(): v.decode() for k, v in self.client.hgetall(self.keys.state).items()}
 
+    def set_waiting(self, waiting: Waiting) -> None:
+        self.client.hset(self.keys.state, WAITING_FIELD, waiting.model_dump_json())
+
+    def clear_waiting(self) -> None:
+        self.client.hdel(self.keys.state, WAITING_FIELD)
+
+    def waiting(self) -> Waiting | None:
+        raw = self.client.hget(self.keys.state, WAITING_FIELD)
+        return parse_waiting(raw) if raw is not None else None
+
     def policy_version(self) -> int:
         raw = self.client.hget(self.keys.state, "policy_version")
         return int(raw) if raw is not None else 0
@@ -58,6 +93,12 @@ class RunStore:
             except DecodeError:
                 continue  # a foreign writer must not break the status page
         return sorted(beats, key=lambda b: (b.service, b.instance))
+
+    def alive(self, service: str, horizon_s: float) -> list[Heartbeat]:
+        now = time.time()
+        return [
+            b for b in self.heartbeats() if b.service == service and is_alive(b, horizon_s, now)
+        ]
 
     def forget_stale(self, older_than_s: float) -> int:
         """Drop heartbeats older than ``older_than_s`` (called rarely, e.g. by the api)."""
@@ -83,3 +124,11 @@ class RunStore:
         return [
             json.loads(x) for x in self.client.lrange(self.keys.metrics_series(series), -last, -1)
         ]
+
+
+def parse_waiting(raw: bytes | str) -> Waiting | None:
+    """A ``Waiting`` from the state hash; None for anything a foreign writer left there."""
+    try:
+        return Waiting.model_validate_json(raw)
+    except (ValidationError, ValueError):
+        return None

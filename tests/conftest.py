@@ -65,3 +65,30 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"benchmark data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+# A model folder as a new user makes one: the recipe of docs/byo-model.md, run as written there
+# (a byte-level BPE trained locally with `tokenizers`, a Qwen2-style chat template, a tiny random
+# Qwen2, save_pretrained), so the page and the tests cannot drift apart.
+BYO_PAGE = Path(__file__).resolve().parents[1] / "docs" / "byo-model.md"
+RECIPE_MARK = "<!-- make_tiny_model.py: tests/conftest.py runs this block -->"
+
+
+def byo_recipe() -> str:
+    text = BYO_PAGE.read_text()
+    after = text[text.index(RECIPE_MARK) + len(RECIPE_MARK) :]
+    return after.split("```python\n", 1)[1].split("\n```", 1)[0] + "\n"
+
+
+@pytest.fixture(scope="session")
+def user_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny user-made model folder (byte-level BPE + chat template + random Qwen2)."""
+    import subprocess
+    import sys
+
+    work = tmp_path_factory.mktemp("user-model")
+    script = work / "make_tiny_model.py"
+    script.write_text(byo_recipe())
+    out = work / "model"
+    subprocess.run([sys.executable, str(script), str(out)], check=True, timeout=300)
+    return out

@@ -114,6 +114,19 @@ def save_model(
     return out
 
 
+def context_length(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> int:
+    """Longest prompt + completion the model accepts: its position limit, else the tokenizer's
+    ``model_max_length`` (when sensible), else 2048."""
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(model.config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    value = getattr(tokenizer, "model_max_length", None)
+    if isinstance(value, int) and 0 < value < 10**7:
+        return value
+    return 2048
+
+
 def load_policy(
     path: str | Path,
     device: str | torch.device = "cpu",

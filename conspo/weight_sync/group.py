@@ -216,11 +216,16 @@ def open_group(
     *,
     store: dist.Store | None = None,
     advertise_host: str | None = None,
+    join_timeout_s: float | None = None,
 ) -> WeightGroup:
     """Join (rank > 0) or host (rank 0) the weight-sync group described by ``rendezvous``.
 
-    Blocks until all ``world_size`` ranks have joined, at most ``timeout_s``; raises ``GroupError``
-    otherwise. ``store`` lets rank 0 reuse one long-lived ``TCPStore`` across epochs;
+    Blocks until all ``world_size`` ranks have joined, at most ``join_timeout_s`` (default
+    ``timeout_s``, which bounds every collective afterwards); raises ``GroupError`` otherwise.
+    Rank 0 joins with a short one: a member that was announced but died never joins, and
+    waiting the whole transfer timeout for it is time the run stands still.
+
+    ``store`` lets rank 0 reuse one long-lived ``TCPStore`` across epochs;
     ``advertise_host`` overrides the address gloo advertises to peers (default: the interface
     that routes to the rendezvous host). ``device`` matters for NCCL only (default: current CUDA
     device); gloo groups always work on CPU tensors.
@@ -237,21 +242,22 @@ def open_group(
     else:
         dev = torch.device("cpu")
     t0 = time.monotonic()
+    join_s = timeout_s if join_timeout_s is None else join_timeout_s
     try:
         if store is None:
             store = make_store(
-                rendezvous.host, rendezvous.port, is_master=rank == 0, timeout_s=timeout_s
+                rendezvous.host, rendezvous.port, is_master=rank == 0, timeout_s=join_s
             )
         prefixed = dist.PrefixStore(f"conspo-weights/epoch{rendezvous.epoch}", store)
         if rank == 0:
             address = rendezvous.host
         else:
             address = advertise_host or local_address_towards(rendezvous.host, rendezvous.port)
-        pg = _new_backend(rendezvous.backend, prefixed, rank, world, timeout_s, address, dev)
+        pg = _new_backend(rendezvous.backend, prefixed, rank, world, join_s, address, dev)
     except Exception as exc:
         raise GroupError(
             f"could not form weight-sync group epoch {rendezvous.epoch} as rank {rank}/{world} "
-            f"at {rendezvous.host}:{rendezvous.port} within {timeout_s:g}s: {exc}"
+            f"at {rendezvous.host}:{rendezvous.port} within {join_s:g}s: {exc}"
         ) from exc
     logger.debug(
         "rank %d/%d joined weight-sync epoch %d in %.2fs",

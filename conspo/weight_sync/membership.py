@@ -5,9 +5,12 @@ Everything lives in the run's ``keys.weights`` hash, so one HGETALL shows the wh
 - ``current``: the newest ``WeightAnnouncement`` (``conspo.protocol.encode``); the same bytes are
   PUBLISHed on ``keys.weights_channel`` in one MULTI, so a subscriber that polls the hash and one
   that listens on the channel see the same announcements in the same order.
-- ``member:<instance>``: a JSON ``MemberInfo`` refreshed every few seconds. Freshness is judged
-  against Redis' own clock (``TIME``), written by the member and read by the learner, so clock
-  skew between machines cannot evict or resurrect anybody. ``incarnation`` changes when a
+- ``member:<instance>``: a JSON ``MemberInfo`` refreshed every ``beat_s`` seconds. Freshness is
+  judged against Redis' own clock (``TIME``), written by the member and read by the learner, so
+  clock skew between machines cannot evict or resurrect anybody. A member that says how often it
+  beats is live for ``3 * beat_s + 1`` seconds after its last beat (capped by the learner's
+  ``member_ttl_s``): a SIGKILLed generator drops out of the next group within seconds instead of
+  being waited for until a fixed lifetime runs out. ``incarnation`` changes when a
   generator restarts under the same name, which the learner treats as a membership change.
   ``seen_at`` is the ``created_at`` of the newest announcement the member's sync loop has
   finished processing (the learner's own clock, so comparable with the learner's values): after
@@ -44,6 +47,7 @@ class MemberInfo(BaseModel):
     incarnation: str = Field(default_factory=lambda: uuid.uuid4().hex[:12])
     layout_hash: str
     backends: list[str] = Field(default_factory=lambda: ["gloo"])
+    beat_s: float = Field(default=0.0, ge=0, description="Refresh period; 0: unknown.")
     epoch_seen: int = -1
     seen_at: float = 0.0
     at: float = 0.0
@@ -82,10 +86,20 @@ def read_members(client: redis.Redis, keys: Keys) -> dict[str, MemberInfo]:
     return members
 
 
+BEATS_MISSED = 3  # a member is gone after this many missed refreshes (plus one second of slack)
+
+
+def member_ttl(info: MemberInfo, ttl_s: float) -> float:
+    """How long after its last refresh ``info`` still counts as live."""
+    return min(ttl_s, BEATS_MISSED * info.beat_s + 1.0) if info.beat_s > 0 else ttl_s
+
+
 def live_members(client: redis.Redis, keys: Keys, ttl_s: float) -> dict[str, MemberInfo]:
-    """Members whose registration is younger than ``ttl_s`` by Redis' clock."""
+    """Members whose registration is younger than their ``member_ttl`` by Redis' clock."""
     now = redis_now(client)
-    return {n: m for n, m in read_members(client, keys).items() if now - m.at <= ttl_s}
+    return {
+        n: m for n, m in read_members(client, keys).items() if now - m.at <= member_ttl(m, ttl_s)
+    }
 
 
 def prune_members(client: redis.Redis, keys: Keys, older_than_s: float) -> list[str]:

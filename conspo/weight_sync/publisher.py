@@ -10,6 +10,13 @@ even while its registration is still fresh, and healthy ones rejoin as soon as t
 and the next push rebuilds with who is left. Peer failures are reported
 in the returned ``PushReport``, never raised.
 
+Why a dead generator costs seconds: members say how often they refresh their registration, so
+one that stopped (SIGKILL) is no longer live three refreshes later (``membership.member_ttl``);
+a group it was part of fails at once (its sockets are closed); and the rendezvous of a rebuilt
+group waits ``join_timeout_s`` (short) for members to join, not the transfer timeout. A new or
+returning member does not have to wait for the learner's next step either: ``wants_push`` tells
+an idle learner that a live member is missing from its group, and it pushes the current version.
+
 Why one long-lived ``TCPStore`` (rather than one per epoch on a new port): the rendezvous address
 stays fixed for the learner's lifetime (one port to open in a firewall or a Kubernetes Service),
 there is no window where a freshly picked free port is taken by someone else, and the
@@ -89,12 +96,16 @@ class WeightPublisher:
         timeout_s: float = 60.0,
         member_ttl_s: float = 15.0,
         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+        join_timeout_s: float | None = None,
     ) -> None:
         self.client = client
         self.keys = keys
         self.host = host
         self.backend = backend
         self.timeout_s = timeout_s
+        self.join_timeout_s = (
+            timeout_s if join_timeout_s is None else min(join_timeout_s, timeout_s)
+        )
         self.member_ttl_s = member_ttl_s
         self.bucket_bytes = bucket_bytes
         self._store = make_store(host, port, is_master=True, timeout_s=timeout_s)
@@ -154,6 +165,17 @@ class WeightPublisher:
             )
             return report
 
+    def wants_push(self, layout_hash: str, backend: str) -> list[str]:
+        """Live, eligible members that the current group does not reach (joined or returned
+        since the last push); empty when a push would change nothing. One HGETALL and TIME."""
+        with self._lock:
+            if self._closed:
+                return []
+            members = live_members(self.client, self.keys, self.member_ttl_s)
+            eligible, _ = self._eligible(members, layout_hash, backend, quiet=True)
+            reached = dict(self._group_key) if self._group is not None else {}
+            return [n for n in eligible if reached.get(n) != members[n].incarnation]
+
     def close(self) -> None:
         """Leave the group and stop hosting the rendezvous; the announcement stays in Redis."""
         with self._lock:
@@ -184,7 +206,7 @@ class WeightPublisher:
             prune_members(self.client, self.keys, max(10 * self.member_ttl_s, 60.0))
         except redis.RedisError as exc:
             return PushReport(ok=False, transport="broadcast", error=f"redis: {exc}", **base)
-        eligible, skipped = self._eligible(members, layout, backend)
+        eligible, skipped = self._eligible(members, layout.hash, backend)
 
         def announce(**fields: object) -> float:
             ann = WeightAnnouncement(
@@ -238,7 +260,14 @@ class WeightPublisher:
         try:
             if rebuild:
                 device = next((t.device for _, t in items if t.is_cuda), None)
-                group = open_group(rendezvous, 0, self.timeout_s, device, store=self._store)
+                group = open_group(
+                    rendezvous,
+                    0,
+                    self.timeout_s,
+                    device,
+                    store=self._store,
+                    join_timeout_s=self.join_timeout_s,
+                )
                 self._group, self._group_key = group, key
             assert group is not None
             result = group.broadcast_tensors(
@@ -268,16 +297,16 @@ class WeightPublisher:
         return report
 
     def _eligible(
-        self, members: dict[str, MemberInfo], layout: Layout, backend: str
+        self, members: dict[str, MemberInfo], layout_hash: str, backend: str, quiet: bool = False
     ) -> tuple[list[str], dict[str, str]]:
         eligible, skipped = [], {}
         for name in list(self._suspects):
             if name not in members:
                 del self._suspects[name]
         for name, info in sorted(members.items()):
-            if info.layout_hash != layout.hash:
-                skipped[name] = f"layout mismatch: member {info.layout_hash}, learner {layout.hash}"
-                if (name, info.layout_hash) not in self._warned:
+            if info.layout_hash != layout_hash:
+                skipped[name] = f"layout mismatch: member {info.layout_hash}, learner {layout_hash}"
+                if not quiet and (name, info.layout_hash) not in self._warned:
                     self._warned.add((name, info.layout_hash))
                     logger.error("generator %s: %s (left out)", name, skipped[name])
                 continue
@@ -290,7 +319,8 @@ class WeightPublisher:
                 if info.incarnation == incarnation and info.seen_at < failed_at:
                     skipped[name] = "in the last failed push; waiting for it to report back"
                     continue
-                del self._suspects[name]
+                if not quiet:
+                    del self._suspects[name]
             eligible.append(name)
         return eligible, skipped
 

@@ -328,7 +328,10 @@ class WeightSubscriber:
         if self.backend != "auto":
             backends = [self.backend]
         self._info = MemberInfo(
-            instance=self.instance, layout_hash=self._layout.hash, backends=backends
+            instance=self.instance,
+            layout_hash=self._layout.hash,
+            backends=backends,
+            beat_s=self.heartbeat_s,
         )
         ready = threading.Event()
         sync = threading.Thread(

@@ -46,12 +46,14 @@ def create_app(
     *,
     instance: str | None = None,
     on_error: Callable[[str], None] | None = None,
+    on_recovered: Callable[[], None] | None = None,
     registry: CollectorRegistry | None = None,
 ) -> FastAPI:
     """Build the api. ``client`` defaults to a short-timeout client for ``settings.redis_url``;
-    ``instance`` names this replica (feeder lock owner); ``on_error`` receives feeder errors
-    (``main`` passes the heartbeat's last-error setter); ``registry`` receives the metrics
-    (default: a private one)."""
+    ``instance`` names this replica (feeder lock owner); ``on_error`` receives feeder errors and
+    ``on_recovered`` hears when the feeder works again (``main`` passes the heartbeat's
+    last-error setter and clearer); ``registry`` receives the metrics (default: a private
+    one)."""
     token = settings.api_token.get_secret_value() if settings.api_token is not None else None
     register_secret(token)
     if settings.redis_password is not None:
@@ -77,6 +79,7 @@ def create_app(
         lock_ttl_s=settings.feed_lock_ttl_s,
         on_fed=lambda n: metrics.prompts_accepted.labels("dataset").inc(n),
         on_error=on_error,
+        on_recovered=on_recovered,
     )
 
     @asynccontextmanager

@@ -33,6 +33,7 @@ def main(args: argparse.Namespace | None = None) -> int:
             settings,
             instance=runtime.instance,
             on_error=runtime.error,
+            on_recovered=runtime.recovered,
             registry=runtime.registry,
         )
         config = uvicorn.Config(

@@ -1,16 +1,28 @@
-"""Publishing prompts, once per Idempotency-Key.
+"""Publishing prompts: once per Idempotency-Key, and once per prompt id in the run.
 
-Without a key, prompts go out in one MULTI/EXEC with the accepted counter (so the counter always
-matches the stream, whatever is retried). With a key, one Lua script does it
-all atomically: if ``keys.idempotency(key)`` exists it returns the stored record; otherwise it
-XADDs every prompt and stores ``{fp, prompt_ids, entry_ids}`` under the key with a TTL. Redis runs
-a script to completion before any other command, so concurrent retries with the same key cannot
-both enqueue: exactly one runs the XADDs and the others read its record. There is no "in
-progress" state to expire or take over, and a crash before the script leaves nothing behind.
+One Lua script does it all, atomically, with or without a key. Redis runs a script to completion
+before any other command, so concurrent requests (on any number of api replicas) cannot
+interleave inside it:
+
+1. with an Idempotency-Key: if ``keys.idempotency(key)`` exists, return its stored record;
+2. for every prompt, look its id up in ``keys.prompt_ids`` (``<item fingerprint> <entry id>``):
+   an id already used for a different prompt refuses the whole request (409, nothing written);
+3. XADD the prompts whose id is new and record them; a prompt whose id is known with the same
+   fingerprint is not enqueued again: its original entry id is replayed (``replayed``);
+4. count what was enqueued in ``api.prompts_accepted``; with a key, store
+   ``{fp, prompt_ids, entry_ids, replayed}`` under it with a TTL.
+
+So a prompt id names one prompt for the whole run, whoever sends it and however often; a client
+that retries without a key still enqueues once (its ids are the same), and generated ids
+(``p-...``) are recorded too, so even the client library's own retry of the script cannot
+enqueue twice. There is no "in progress" state to expire or take over, and a crash before the
+script leaves nothing behind.
 
 ``fp`` is a SHA-256 of the canonical request (the validated body as sorted JSON): a retry with
 the same key and a different body is refused with a reason instead of replaying an answer that
-belongs to another request. Records live in the run's namespace for ``idempotency_ttl_s``.
+belongs to another request. The item fingerprint is the same hash over one prompt without its
+id. Key records live for ``idempotency_ttl_s``; prompt ids for the run (dataset prompts, fed by
+the feeder under ``<dataset>:<row id>:<epoch>``, are not in this registry).
 """
 
 from __future__ import annotations
@@ -24,18 +36,39 @@ from conspo.protocol import MessageTooLargeError, Prompt, encode
 from conspo.queue import StreamQueue
 from services.api.errors import ApiError
 
-_PUBLISH_ONCE = """
--- KEYS[1] idempotency record, KEYS[2] prompts stream, KEYS[3] counters hash
--- ARGV[1] ttl seconds, ARGV[2] request fingerprint, ARGV[3] prompt ids (JSON), then (k, d) pairs
-local existing = redis.call('GET', KEYS[1])
-if existing then return {0, existing} end
-local ids = {}
-for i = 4, #ARGV, 2 do
-  ids[#ids + 1] = redis.call('XADD', KEYS[2], '*', 'k', ARGV[i], 'd', ARGV[i + 1])
+_PUBLISH = """
+-- KEYS[1] idempotency record (unused without a key), KEYS[2] prompts stream, KEYS[3] counters,
+-- KEYS[4] prompt-id registry. ARGV[1] ttl, ARGV[2] request fingerprint, ARGV[3] '1' with a key,
+-- ARGV[4] prompt ids (JSON), then (prompt id, item fingerprint, k, d) per prompt.
+if ARGV[3] == '1' then
+  local existing = redis.call('GET', KEYS[1])
+  if existing then return {0, existing} end
 end
-local record = cjson.encode({fp = ARGV[2], prompt_ids = cjson.decode(ARGV[3]), entry_ids = ids})
-redis.call('SET', KEYS[1], record, 'EX', ARGV[1])
-redis.call('HINCRBY', KEYS[3], 'api.prompts_accepted', #ids)
+local known = {}
+for a = 5, #ARGV, 4 do
+  local old = redis.call('HGET', KEYS[4], ARGV[a])
+  if old then
+    local fp, entry = string.match(old, '^(%S+) (%S+)$')
+    if fp ~= ARGV[a + 1] then return {-1, ARGV[a], entry or ''} end
+    known[a] = entry
+  end
+end
+local ids, replayed, fresh = {}, {}, 0
+for a = 5, #ARGV, 4 do
+  if known[a] then
+    ids[#ids + 1] = known[a]
+    replayed[#replayed + 1] = ARGV[a]
+  else
+    local id = redis.call('XADD', KEYS[2], '*', 'k', ARGV[a + 2], 'd', ARGV[a + 3])
+    redis.call('HSET', KEYS[4], ARGV[a], ARGV[a + 1] .. ' ' .. id)
+    ids[#ids + 1] = id
+    fresh = fresh + 1
+  end
+end
+if fresh > 0 then redis.call('HINCRBY', KEYS[3], 'api.prompts_accepted', fresh) end
+local record = cjson.encode({fp = ARGV[2], prompt_ids = cjson.decode(ARGV[4]), entry_ids = ids,
+                             replayed = replayed})
+if ARGV[3] == '1' then redis.call('SET', KEYS[1], record, 'EX', ARGV[1]) end
 return {1, record}
 """
 
@@ -52,13 +85,18 @@ class Published:
     prompt_ids: list[str]
     entry_ids: list[str]
     replayed: bool
+    known: list[str]  # prompt ids already in the run with the same prompt: not enqueued again
+
+    @property
+    def enqueued(self) -> int:
+        return 0 if self.replayed else len(self.entry_ids) - len(self.known)
 
 
 class PromptPublisher:
     def __init__(self, queue: StreamQueue[Prompt], ttl_s: int) -> None:
         self.queue = queue
         self.ttl_s = ttl_s
-        self._script = queue.client.register_script(_PUBLISH_ONCE)
+        self._script = queue.client.register_script(_PUBLISH)
 
     def _encode(self, prompts: list[Prompt]) -> list[bytes]:
         try:
@@ -66,34 +104,39 @@ class PromptPublisher:
         except MessageTooLargeError as exc:
             raise ApiError(413, "entry_too_large", str(exc)) from None
 
-    def publish(self, prompts: list[Prompt]) -> Published:
-        """Without a key: the XADDs and the accepted counter in one MULTI/EXEC, so that the
-        counter always matches the entries, even when the client library retries the whole
-        transaction after a lost reply (then both happen twice: the request had no key)."""
+    def publish(
+        self, prompts: list[Prompt], item_fps: list[str], *, key: str | None = None, fp: str = ""
+    ) -> Published:
+        """Enqueue ``prompts`` (``item_fps``: one fingerprint per prompt, without its id), once
+        per prompt id and, with ``key``, once per Idempotency-Key (see the module docstring)."""
+        self.queue.ensure_group()
         payloads = self._encode(prompts)  # everything is encoded before anything is sent
-        self.queue.ensure_group()
-        pipe = self.queue.client.pipeline(transaction=True)
-        for prompt, data in zip(prompts, payloads, strict=True):
-            pipe.xadd(self.queue.key, {"k": prompt.prompt_id, "d": data})
-        pipe.hincrby(self.queue.keys.counters, ACCEPTED_COUNTER, len(prompts))
-        replies = pipe.execute()
-        ids = [x.decode() if isinstance(x, bytes) else str(x) for x in replies[:-1]]
-        return Published([p.prompt_id for p in prompts], ids, replayed=False)
-
-    def publish_once(self, key: str, fp: str, prompts: list[Prompt]) -> Published:
-        self.queue.ensure_group()
-        payloads = self._encode(prompts)
+        keys = self.queue.keys
         args: list[str | bytes | int] = [
             self.ttl_s,
             fp,
+            "1" if key is not None else "0",
             json.dumps([p.prompt_id for p in prompts]),
         ]
-        for prompt, data in zip(prompts, payloads, strict=True):
-            args.extend([prompt.prompt_id, data])
-        keys = [self.queue.keys.idempotency(key), self.queue.key, self.queue.keys.counters]
-        fresh, raw = self._script(keys=keys, args=args)
-        record = json.loads(raw)
-        if record.get("fp") != fp:
+        for prompt, item_fp, data in zip(prompts, item_fps, payloads, strict=True):
+            args.extend([prompt.prompt_id, item_fp, prompt.prompt_id, data])
+        record_key = keys.idempotency(key) if key is not None else keys.prompt_ids
+        reply = self._script(
+            keys=[record_key, self.queue.key, keys.counters, keys.prompt_ids], args=args
+        )
+        status = int(reply[0])
+        if status == -1:
+            taken, entry = (x.decode() if isinstance(x, bytes) else str(x) for x in reply[1:3])
+            index = next(i for i, p in enumerate(prompts) if p.prompt_id == taken)
+            raise ApiError(
+                409,
+                "prompt_id_conflict",
+                f"prompt_id {taken!r} is already used in this run by another prompt (entry "
+                f"{entry}); use a new id, or send the identical prompt to replay it",
+                [{"loc": ["body", "prompts", str(index), "prompt_id"], "msg": "already used"}],
+            )
+        record = json.loads(reply[1])
+        if key is not None and record.get("fp") != fp:
             raise ApiError(
                 422,
                 "idempotency_key_reused",
@@ -102,6 +145,7 @@ class PromptPublisher:
             )
         return Published(
             [str(x) for x in record["prompt_ids"]],
-            [x.decode() if isinstance(x, bytes) else str(x) for x in record["entry_ids"]],
-            replayed=not bool(fresh),
+            [str(x) for x in record["entry_ids"]],
+            replayed=status == 0,
+            known=[str(x) for x in (record.get("replayed") or [])],
         )

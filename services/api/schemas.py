@@ -24,6 +24,7 @@ from pydantic import (
 )
 
 from conspo.protocol import ChatMessage, Identifier, MetaValue, Prompt, SamplingParams
+from conspo.state import Waiting
 
 DatasetId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$", examples=["gsm8k-test"])]
 FieldName = Annotated[str, Field(min_length=1, max_length=200)]
@@ -119,6 +120,11 @@ class PromptsAccepted(BaseModel):
     count: int = Field(ge=0)
     prompt_ids: list[str]
     entry_ids: list[str] = Field(description="Entry ids in the `prompts` stream, in order.")
+    replayed: list[str] = Field(
+        default_factory=list,
+        description="Prompt ids this run already had with the identical prompt: not enqueued "
+        "again, their original entry ids are replayed in `entry_ids`.",
+    )
     stream: Literal["prompts"] = "prompts"
 
 
@@ -150,6 +156,11 @@ class DatasetSpec(_Strict):
     )
     system_prompt: str | None = Field(
         default=None, max_length=20_000, description="If set, prompts become chat messages."
+    )
+    chat: bool = Field(
+        default=False,
+        description="Prompts become chat messages (one user turn, rendered with the model's chat "
+        "template by the generator) even without a system prompt.",
     )
     metadata_fields: list[FieldName] = Field(default_factory=list, max_length=60)
     answer_boxed: bool = Field(
@@ -188,6 +199,7 @@ class DatasetQuery(_Strict):
     verifier: Identifier | None = None
     template: str | None = Field(default=None, max_length=20_000)
     system_prompt: str | None = Field(default=None, max_length=20_000)
+    chat: bool | None = None
     metadata_fields: list[FieldName] | None = Field(default=None, max_length=60)
     answer_boxed: bool | None = None
     answer_after: str | None = Field(default=None, min_length=1, max_length=200)
@@ -279,6 +291,12 @@ class RunStatus(BaseModel):
     redis_state_detail: str | None = None
     step: int | None = None
     policy_version: int | None = None
+    waiting: Waiting | None = Field(
+        default=None,
+        description="null while steps happen; else why the learner is not stepping (after "
+        "`waiting_after_s`), e.g. code `all_equal_rewards` with the numbers in `reason`. "
+        "Cleared by the next step.",
+    )
     fields: dict[str, str] = Field(default_factory=dict, description="The run's state hash.")
     counters: dict[str, int] = Field(default_factory=dict)
     curves: Curves

@@ -14,7 +14,13 @@ One iteration (``GeneratorLoop.step``):
    for the rest in ONE engine call.
 4. Publish one ``RolloutGroup`` per prompt through ``StreamQueue.commit``: marker, rollout entry,
    counters and ack in one atomic script, so a crash anywhere leaves nothing or everything.
-5. Release the flow lease (the groups now count as produced).
+5. Release the flow lease (the groups now count as produced). While the engine runs, the
+   heartbeat thread renews the lease, so a short ``lease_ttl_s`` frees a dead generator's budget
+   quickly without ever expiring a live one's mid-batch.
+
+Every couple of seconds the loop also hands back the prompts that gone generators held (their
+heartbeat stopped: SIGKILL, a lost node): the restarted replica has a new consumer name and
+would otherwise wait ``visibility_timeout_s`` for them.
 
 Failures: an engine error on a batch of several prompts retries each prompt alone once, so that
 one poisonous prompt does not take its batch-mates down with it; prompts that still fail are
@@ -35,6 +41,7 @@ import redis
 
 from conspo.flow import FlowControl
 from conspo.lineage import GENERATE, group_id_for
+from conspo.prompting import PromptRejectedError, encode_prompt
 from conspo.protocol import (
     Completion,
     LabeledGroup,
@@ -53,12 +60,7 @@ from services.generator.backends.base import (
     GenerationCancelledError,
 )
 from services.generator.metrics import GeneratorMetrics
-from services.generator.prompting import (
-    PromptRejectedError,
-    encode_prompt,
-    group_params,
-    group_seed,
-)
+from services.generator.prompting import group_params, group_seed
 from services.generator.weights import WeightSync
 
 log = logging.getLogger(__name__)
@@ -120,6 +122,10 @@ class GeneratorLoop:
         self.served_version = served_version
         self.metrics.serving(served_version)
         self._failures_in_a_row = 0
+        self._last_dead_check = 0.0
+        self._no_budget_since: float | None = None
+        self._no_budget_logged = 0.0
+        runtime.on_beat.append(lambda: self.flow.renew(self.instance))
 
     # -- running ----------------------------------------------------------------------------------
     def run(self, max_iterations: int | None = None) -> None:
@@ -129,8 +135,11 @@ class GeneratorLoop:
         try:
             while not self.runtime.stopping and (max_iterations is None or done < max_iterations):
                 done += 1
+                errors = self.runtime.error_count
                 try:
                     self.step()
+                    if self.runtime.error_count == errors:
+                        self.runtime.recovered()
                 except BackendDeadError:
                     raise
                 except redis.RedisError as exc:
@@ -152,6 +161,7 @@ class GeneratorLoop:
         """One iteration; returns the number of groups published."""
         self.apply_staged_weights()
         self._trim_prompts()
+        self._hand_back_from_the_dead()
         waited = self._admission_wait()
         if waited is not None:
             reason, seconds = waited
@@ -162,9 +172,11 @@ class GeneratorLoop:
         if grant <= 0:
             t0 = time.monotonic()
             self.runtime.status = "waiting"
+            self._say_why_no_budget(t0)
             self.runtime.sleep(self.settings.poll_ms / 1000)
             self.metrics.waited("flow", time.monotonic() - t0)
             return 0
+        self._no_budget_since = None
         self.runtime.status = "running"
         try:
             deliveries = self.prompts.read(
@@ -183,6 +195,35 @@ class GeneratorLoop:
             return
         self._last_trim = now
         self.prompts.trim(keep_last=self.settings.retain_entries)
+
+    def _say_why_no_budget(self, now: float, after_s: float = 10.0, every_s: float = 60.0) -> None:
+        """Flow control can hold a generator back for long (the learner is busy, or waits for
+        weights to reach us): say so in the log instead of going quiet."""
+        if self._no_budget_since is None:
+            self._no_budget_since = now
+        waited = now - self._no_budget_since
+        if waited < after_s or now - self._no_budget_logged < every_s:
+            return
+        self._no_budget_logged = now
+        fields = self.runtime.store.fields()  # the learner's numbers are the ones enforced
+        learner = int(fields.get("policy_version", 0))
+        log.info(
+            "no generation budget for %.0f s (serving v%d, learner at v%d, max_staleness %s): "
+            "waiting for the learner to consume what is in flight%s",
+            waited,
+            self.served_version,
+            learner,
+            fields.get("max_staleness", self.settings.max_staleness),
+            " or for newer weights" if learner - self.served_version > 0 else "",
+        )
+
+    def _hand_back_from_the_dead(self) -> None:
+        every = self.settings.heartbeat_s
+        now = time.monotonic()
+        if now - self._last_dead_check < every:
+            return
+        self._last_dead_check = now
+        self.runtime.hand_back_from_the_dead(self.prompts)
 
     # -- weights ----------------------------------------------------------------------------------
     def apply_staged_weights(self) -> bool:

@@ -4,7 +4,9 @@ Start-up order matters: settings are validated first (a bad config exits with co
 anything heavy happens), the heartbeat starts before the engine loads (a slow vLLM start shows
 as "starting", not as a dead instance), the late-join checkpoint is loaded before the weight
 subscriber registers (so the first request is sampled with the newest weights the learner has
-written), and only then does the loop pull prompts.
+written), and only then does the loop pull prompts. Once the engine is up, the generator tells the
+api what it serves (``conspo.serving.ServedModel``: context length, tokenizer folder, longest
+token), so the api can refuse prompts that cannot fit.
 
 Exit codes: 0 after SIGTERM/SIGINT (the batch in flight is finished and published, prompts read
 but not started are released, the flow lease and the weight-sync membership are dropped);
@@ -16,9 +18,12 @@ from __future__ import annotations
 import argparse
 import logging
 
+import redis
+
 from conspo.service import ServiceRuntime
+from conspo.serving import ServedModel, max_token_chars, publish_served_model
 from conspo.settings import GeneratorSettings, load
-from services.generator.backends import BackendDeadError, build_backend
+from services.generator.backends import BackendDeadError, build_backend, model_path_of
 from services.generator.loop import GeneratorLoop
 from services.generator.metrics import GeneratorMetrics
 from services.generator.weights import initial_load, start_weight_sync
@@ -39,6 +44,22 @@ def main(args: argparse.Namespace | None = None) -> int:
     return 0
 
 
+def publish_serving(runtime: ServiceRuntime, settings: GeneratorSettings, backend) -> None:
+    """What the api needs to judge a prompt's length (see ``conspo.serving``)."""
+    try:
+        model = ServedModel(
+            max_model_len=backend.max_model_len,
+            tokenizer_path=str(model_path_of(settings).resolve()),
+            max_token_chars=max_token_chars(backend.tokenizer),
+            instance=runtime.instance,
+        )
+        publish_served_model(runtime.client, runtime.keys, model)
+    except (redis.RedisError, AttributeError, TypeError, ValueError) as exc:
+        log.warning("could not publish what this generator serves: %s", exc)
+        return
+    runtime.info.update({"max_model_len": model.max_model_len})
+
+
 def run(runtime: ServiceRuntime, settings: GeneratorSettings) -> None:
     """Build the engine, catch up with the learner, serve until asked to stop."""
     runtime.info.update({"backend": settings.backend})
@@ -51,6 +72,7 @@ def run(runtime: ServiceRuntime, settings: GeneratorSettings) -> None:
             log.warning("could not describe the engine's device: %s", exc)
         if runtime.stopping:
             return
+        publish_serving(runtime, settings, backend)
         served = initial_load(runtime.client, runtime.keys, backend, loaded_version=0)
         weights = start_weight_sync(runtime, settings, backend)
         weights.report_served(served)

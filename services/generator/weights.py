@@ -368,7 +368,8 @@ def start_engine_sync(
         backend=settings.weight_sync_backend,
         timeout_s=settings.weight_sync_timeout_s,
         heartbeat_s=settings.heartbeat_s,
-        device="cuda",
+        # Where the engine's worker receives: it offers NCCL to the learner only on a GPU.
+        device=backend.device,
         receiver=EngineReceiver(backend, timeout_s=settings.weight_sync_timeout_s),
     )
     subscriber.start(backend.weight_template)

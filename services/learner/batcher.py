@@ -16,9 +16,11 @@ Classification of the next entry:
 5. otherwise trained in this step (``trained:<step>``, known once the step commits).
 
 Decided entries stay pending (unacked, no marker) until the checkpoint that records them is
-committed; ``Learner`` then marks and acks them. While held, their idle time is renewed with
-``XCLAIM ... JUSTID`` (which does not count as a delivery), so ``StreamQueue.read``'s reclaim of
-idle entries never hands our own held entries back or dead-letters them.
+committed, or, for skipped and dropped ones, until the learner releases them through its ledger
+(``services.learner.checkpoint.Ledger``); ``Learner`` then marks and acks them. While held,
+their idle time is renewed with ``XCLAIM ... JUSTID`` (which does not count as a delivery), so
+``StreamQueue.read``'s reclaim of idle entries never hands our own held entries back or
+dead-letters them.
 """
 
 from __future__ import annotations
@@ -133,13 +135,17 @@ class Batcher:
         wait_timeout_s: float = 0.0,
         renew_every_s: float = 20.0,
         on_decided: Callable[[Decided], None] | None = None,
+        on_wait: Callable[[int, float], None] | None = None,
     ) -> Batch:
         """Pull until ``batch_groups`` groups to train are in hand (``complete``), or stop /
         time out with ``complete=False`` (entries chosen for training are put back).
 
         ``on_decided`` is called for each skipped or dropped group the moment it is decided:
         generators' budget grows with them, and waiting for the batch to complete before
-        reporting them could deadlock a tight budget (``max_staleness=0``)."""
+        reporting them could deadlock a tight budget (``max_staleness=0``). ``on_wait(in_hand,
+        idle_s)`` is called before every read (at least once per ``block_ms`` while nothing
+        arrives), with the groups to train in hand and the seconds since data last arrived:
+        the learner counts, explains and releases from there."""
         batch = Batch()
         self._on_decided = on_decided
         start = time.monotonic()
@@ -151,6 +157,8 @@ class Batcher:
                 if wait_timeout_s > 0 and time.monotonic() - last_data > wait_timeout_s:
                     log.info("no new labelled groups for %.0fs", wait_timeout_s)
                     break
+                if on_wait is not None:
+                    on_wait(len(batch.train), time.monotonic() - last_data)
                 self.renew(renew_every_s)
                 got = self.queue.read(self.consumer, count=self.read_count, block_ms=self.block_ms)
                 fresh = [d for d in got if d.entry_id not in self._held_entries]

@@ -10,6 +10,15 @@ A checkpoint is a directory ``ckpt-<seq>-step-<step>`` under ``run_dir/checkpoin
   the previous acknowledged checkpoint (``records``), so a restart acks those without training
   them again.
 
+Between checkpoints, ``released.json`` (a ``Ledger``) lets the learner ack the groups it decided
+not to train (skipped, dropped) without writing a whole checkpoint: it names the checkpoint it
+extends (``base_seq``), what those groups add to its counters and consumed total, and the entries
+of the release in flight. The learner writes it before the ack, so a crash between the two
+leaves entries that the restart acks as covered, exactly like a checkpoint's ``records``. The
+next checkpoint absorbs it (its counters are cumulative) and removes it; a ledger whose
+``base_seq`` is not the newest checkpoint's is ignored. Releasing such groups early cannot
+change what a restart trains: they never train, and no other entry's decision depends on them.
+
 Atomicity: everything is written into ``.tmp-<name>-<pid>`` beside the final name, every file
 and the directory are fsynced, then one ``rename`` publishes it and the parent is fsynced. A
 crash (or an exception) at any earlier point leaves at most a ``.tmp-`` directory, which
@@ -20,6 +29,7 @@ collide, and "newest" is simply the highest ``seq``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -39,6 +49,7 @@ log = logging.getLogger(__name__)
 _NAME = re.compile(r"^ckpt-(\d{6,})-step-(\d{8,})$")
 STATE_FILE = "state.json"
 MODEL_DIR = "model"
+LEDGER_FILE = "released.json"
 
 
 class EntryRecord(BaseModel):
@@ -63,6 +74,19 @@ class CheckpointState(BaseModel):
     world_size: int = 1
     objective: str = ""
     created_at: float = Field(default_factory=time.time)
+
+
+class Ledger(BaseModel):
+    """Groups released (acked) since checkpoint ``base_seq`` without a checkpoint of their own."""
+
+    model_config = ConfigDict(frozen=True)
+
+    base_seq: int = Field(ge=-1, description="The checkpoint this extends; -1: none yet.")
+    consumed: int = Field(default=0, ge=0)
+    counters: dict[str, int] = Field(default_factory=dict)
+    records: list[EntryRecord] = Field(
+        default_factory=list, description="The release in flight (acked right after)."
+    )
 
 
 @dataclass(frozen=True)
@@ -122,13 +146,16 @@ class CheckpointManager:
         return None
 
     def cleanup_partial(self) -> int:
-        """Remove ``.tmp-`` directories left by a crash during a write."""
+        """Remove ``.tmp-`` directories (and ledger files) left by a crash during a write."""
         if not self.root.is_dir():
             return 0
         removed = 0
         for p in self.root.iterdir():
             if p.name.startswith(".tmp-"):
-                shutil.rmtree(p, ignore_errors=True)
+                if p.is_dir():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
                 removed += 1
         if removed:
             log.info("removed %d partial checkpoint(s) under %s", removed, self.root)
@@ -163,6 +190,37 @@ class CheckpointManager:
             raise
         self.prune()
         return final
+
+    # -- the release ledger ------------------------------------------------------------------------
+    @property
+    def ledger_path(self) -> Path:
+        return self.root / LEDGER_FILE
+
+    def write_ledger(self, ledger: Ledger) -> None:
+        """Atomically replace the ledger (tmp file, fsync, rename, fsync the directory)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f".tmp-{LEDGER_FILE}-{os.getpid()}"
+        tmp.write_text(ledger.model_dump_json())
+        _fsync_file(tmp)
+        os.replace(tmp, self.ledger_path)
+        _fsync_file(self.root)
+
+    def read_ledger(self, base_seq: int) -> Ledger | None:
+        """The ledger if it extends checkpoint ``base_seq`` (-1: none), else None."""
+        try:
+            ledger = Ledger.model_validate_json(self.ledger_path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring unreadable release ledger %s: %s", self.ledger_path, exc)
+            return None
+        if ledger.base_seq != base_seq:
+            return None  # a newer checkpoint absorbed it
+        return ledger
+
+    def drop_ledger(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.ledger_path.unlink()
 
     def prune(self) -> list[Path]:
         paths = self.list()

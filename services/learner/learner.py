@@ -15,6 +15,13 @@ then it stays pending under the learner's stable consumer name. So at any crash 
 as soon as they are decided, trained ones when their step completes, and a restart resets the
 counter to the checkpoint's total (``set_consumed``) before replaying.
 
+Skipped and dropped groups do not wait for a checkpoint: every ``waiting_after_s`` the learner
+releases them through the ledger beside the checkpoints (``checkpoint.Ledger``: written first,
+then mark and ack; a restart adds it to the checkpoint it extends and acks its entries as
+covered), so a run whose rewards are all equal still acks and trims its stream. While no step
+happens the learner also counts them as they arrive and, after ``waiting_after_s``, publishes
+and logs why it waits (``services.learner.waiting``); the next step clears that.
+
 Ranks: rank 0 owns Redis, the batcher, metrics, checkpoints and pushes; it broadcasts one command
 per iteration (train these groups / stop / finish) and every rank runs the same step, gathers
 and saves on the same schedule (a pure function of the step counter), so collectives line up.
@@ -30,17 +37,20 @@ from typing import Any
 import redis
 import torch
 
+from conspo.depths import stream_depth
 from conspo.flow import FlowControl
 from conspo.lineage import LEARN, learn_marker
 from conspo.protocol import LabeledGroup
 from conspo.queue import StreamQueue
 from conspo.settings import LearnerSettings
-from services.learner.batcher import Batch, Batcher, Decided
+from conspo.state import Waiting
+from services.learner.batcher import SKIPPED, Batcher, Decided
 from services.learner.checkpoint import (
     Checkpoint,
     CheckpointManager,
     CheckpointState,
     EntryRecord,
+    Ledger,
     capture_rng,
     restore_rng,
 )
@@ -56,6 +66,8 @@ from services.learner.distributed import (
 from services.learner.metrics import Metrics, step_record
 from services.learner.step import StepStats, TrainConfig, Trainer
 from services.learner.sync import WeightPush, parameter_list
+from services.learner.tracking import build_trackers
+from services.learner.waiting import WaitStats
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +151,14 @@ class Learner:
         self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
         self.consumed_total = 0
         self.window: list[Decided] = []  # decided since the last acked checkpoint
+        self.released = Ledger(base_seq=ckpt.state.seq if ckpt else -1)  # since that checkpoint
+        self.wait = WaitStats()
+        self._unflushed: dict[str, int] = {}
+        self._duplicates_flushed = 0
+        self._last_release = self._last_explained = self._last_logged = 0.0
+        self._next_idle_push = 0.0
+        self._layout_hash: str | None = None
+        self._waiting_code: str | None = None
         self.push: WeightPush | None = None
         self.metrics: Metrics | None = None
         self.evaluator = None
@@ -235,11 +255,20 @@ class Learner:
         if ckpt:
             self.consumed_total = ckpt.state.consumed_total
             self.counters.update({k: v for k, v in ckpt.state.counters.items() if k in COUNTERS})
+        ledger = self.ckpts.read_ledger(self.released.base_seq)
+        if ledger is not None:
+            self.released = ledger.model_copy(update={"records": []})
+            self.consumed_total += ledger.consumed
+            for k, v in ledger.counters.items():
+                if k in COUNTERS:
+                    self.counters[k] += v
+            log.info("release ledger: %d groups released since the checkpoint", ledger.consumed)
         self.flow.set_consumed(self.consumed_total)
         self.client.hset(
             s.keys.counters, mapping={f"learner.{k}": v for k, v in self.counters.items()}
         )
-        self._recover_pending(ckpt)
+        self._recover_pending(ckpt, ledger)
+        self.store.clear_waiting()
         self.store.set_fields(
             step=self.step, policy_version=self.version, status="running", learner=self.consumer
         )
@@ -250,6 +279,7 @@ class Learner:
             total_steps=s.total_steps,
             progress_bar=s.progress_bar,
             plot_every=s.plot_every,
+            trackers=build_trackers(s, self.step),
         )
         self.metrics.resume(self.step)
         self.push_dtype: torch.dtype = getattr(torch, s.weight_sync_dtype)
@@ -264,24 +294,35 @@ class Learner:
             bucket_bytes=s.weight_sync_bucket_mb * 1024 * 1024,
             device=self.ctx.device,
             colocated=s.colocated_generator,
+            join_timeout_s=s.weight_sync_join_timeout_s,
         )
         if s.eval_every > 0:
-            from services.learner.evaluation import Evaluator, load_eval_set
+            from conspo.evaluation import Evaluator, load_eval_set
+            from conspo.models.tiny import context_length
 
+            eval_set = load_eval_set(
+                s.eval_set,
+                s.eval_samples,
+                fmt=s.eval_prompt_format,
+                chat_template=bool(getattr(self.tokenizer, "chat_template", None)),
+            )
             self.evaluator = Evaluator(
                 self.tokenizer,
-                load_eval_set(s.eval_set, s.eval_samples),
+                eval_set,
                 k=s.eval_k,
                 temperature=s.eval_temperature,
                 top_p=s.eval_top_p,
                 max_tokens=s.eval_max_tokens,
                 seed=s.seed,
+                max_model_len=context_length(self.model, self.tokenizer),
             )
 
-    def _recover_pending(self, ckpt: Checkpoint | None) -> None:
-        """Ack what the newest checkpoint covers; replay the rest of our pending entries."""
+    def _recover_pending(self, ckpt: Checkpoint | None, ledger: Ledger | None) -> None:
+        """Ack what the newest checkpoint (and its ledger) covers; replay the rest of our
+        pending entries."""
         pending = self.queue.read_own_pending(self.consumer)
-        recorded = {r.entry_id: r for r in ckpt.state.records} if ckpt else {}
+        records = [*(ckpt.state.records if ckpt else []), *(ledger.records if ledger else [])]
+        recorded = {r.entry_id: r for r in records}
         covered = [(d, recorded[d.entry_id].group_id, recorded[d.entry_id].marker)
                    for d in pending if d.entry_id in recorded]  # fmt: skip
         if covered:
@@ -316,40 +357,160 @@ class Learner:
             return ("finish",)
         if self.stop_requested():
             return ("stop",)
+        self.wait = WaitStats()
         batch = self.batcher.next_batch(
             self.version,
             should_stop=self.stop_requested,
             wait_timeout_s=s.wait_timeout_s,
             renew_every_s=s.visibility_timeout_s / 3,
             on_decided=self._on_decided,
+            on_wait=self._while_assembling,
         )
-        self._count_batch(batch)
+        self._flush_counts()
         if not batch.complete:
             return ("stop",)
         self._batch = batch
         return ("train", batch.groups, batch.wait_seconds)
 
+    # -- skipped and dropped groups: counted, explained and released as they arrive -------------
     def _on_decided(self, decided: Decided) -> None:
-        """A skipped or dropped group: consumed now, acked with the next checkpoint."""
+        """A skipped or dropped group: consumed and counted now, acked by the next release."""
         self.window.append(decided)
         self.flow.consumed(1)
         self.consumed_total += 1
-
-    def _count_batch(self, batch: Batch) -> None:
-        self.counters["groups_skipped"] += len(batch.skipped)
-        self.counters["groups_dropped"] += len(batch.dropped)
-        self.counters["groups_duplicate"] += batch.duplicates
-        self.store.incr(
-            {
-                "learner.groups_skipped": len(batch.skipped),
-                "learner.groups_dropped": len(batch.dropped),
-                "learner.groups_duplicate": batch.duplicates,
-            }
-        )
+        kind = "skipped" if decided.marker == SKIPPED else "dropped"
+        self.counters[f"groups_{kind}"] += 1
+        name = f"learner.groups_{kind}"
+        self._unflushed[name] = self._unflushed.get(name, 0) + 1
         assert self.metrics is not None
-        self.metrics.groups_seen("skipped", len(batch.skipped))
-        self.metrics.groups_seen("dropped", len(batch.dropped))
-        self.metrics.groups_seen("duplicate", batch.duplicates)
+        self.metrics.groups_seen(kind, 1)
+        self.wait.saw(decided)
+
+    def _flush_counts(self) -> None:
+        duplicates = self.batcher.duplicates_total - self._duplicates_flushed
+        if duplicates:
+            self._duplicates_flushed += duplicates
+            self.counters["groups_duplicate"] += duplicates
+            self._unflushed["learner.groups_duplicate"] = duplicates
+            assert self.metrics is not None
+            self.metrics.groups_seen("duplicate", duplicates)
+        if self._unflushed:
+            self.store.incr(self._unflushed)
+            self._unflushed = {}
+
+    def _while_assembling(self, in_hand: int, idle_s: float) -> None:
+        """Between reads: publish the counts, release, and say why we wait (once it lasts)."""
+        self._flush_counts()
+        now = time.monotonic()
+        after = self.s.waiting_after_s
+        if now - self._last_release >= after:
+            self._last_release = now
+            self._release()
+        if self.wait.elapsed >= after and now - self._last_explained >= 1.0:
+            self._last_explained = now
+            self._explain(in_hand, idle_s)
+        self._push_to_newcomers()
+
+    def _push_to_newcomers(self) -> None:
+        """A generator that joined (or restarted) while no step happens gets the current
+        weights now, not after the next step, which may need its data first. Single-process
+        learners only: under FSDP the full weights are a collective of every rank."""
+        now = time.monotonic()
+        if self.ctx.enabled or self.push is None or now < self._next_idle_push:
+            return
+        self._next_idle_push = now + 1.0
+        if self._layout_hash is None:
+            from conspo.weight_sync import layout_of
+
+            params = parameter_list(self.model, None, dtype=self.push_dtype)
+            self._layout_hash = layout_of(params).hash
+        missing = self.push.missing_members(self._layout_hash)
+        if not missing:
+            return
+        log.info("pushing v%d to %s (joined while no step happens)", self.version, missing)
+        if not self._push_weights(None).ok:
+            self._next_idle_push = now + self.s.waiting_after_s  # not every second
+
+    def _explain(self, in_hand: int, idle_s: float) -> None:
+        s = self.s
+        code, reason = self.wait.explain(
+            in_hand=in_hand,
+            batch_groups=s.batch_groups,
+            idle_s=idle_s,
+            quiet_after_s=s.waiting_after_s,
+            version=self.version,
+            max_staleness=s.max_staleness,
+            upstream=self._upstream,
+        )
+        self.store.set_waiting(
+            Waiting(service="learner", code=code, reason=reason, since=self.wait.since)
+        )
+        now = time.monotonic()
+        if code != self._waiting_code or now - self._last_logged >= max(60.0, s.waiting_after_s):
+            log.info("no step for %.0f s (%s): %s", self.wait.elapsed, code, reason)
+            self._waiting_code, self._last_logged = code, now
+
+    def _upstream(self) -> str:
+        """What the queues before us hold and who is alive to work them."""
+        assert self.client is not None
+        prompts = stream_depth(self.client, self.s.keys, "prompts")
+        rollouts = stream_depth(self.client, self.s.keys, "rollouts")
+        horizon = 3 * self.s.heartbeat_s
+        generators = len(self.store.alive("generator", horizon))
+        verifiers = len(self.store.alive("verifier", horizon))
+        text = (
+            f"prompts: {prompts.lag:,} queued, {prompts.pending:,} being generated; rollouts: "
+            f"{rollouts.lag:,} queued, {rollouts.pending:,} being verified; alive: "
+            f"{generators} generator(s), {verifiers} verifier(s)"
+        )
+        if prompts.outstanding + rollouts.outstanding == 0:
+            text += "; nothing is queued upstream: submit prompts or a dataset"
+        return text
+
+    def _release(self) -> None:
+        """Ack the skipped and dropped groups of the window without a checkpoint: the ledger
+        first (a crash before the ack leaves them covered), then one mark-and-ack."""
+        items = [d for d in self.window if not d.marker.startswith("trained")]
+        if not items:
+            return
+        skipped = sum(d.marker == SKIPPED for d in items)
+        counters = dict(self.released.counters)
+        for name, n in (("groups_skipped", skipped), ("groups_dropped", len(items) - skipped)):
+            counters[name] = counters.get(name, 0) + n
+        ledger = Ledger(
+            base_seq=self.released.base_seq,
+            consumed=self.released.consumed + len(items),
+            counters=counters,
+            records=[EntryRecord(entry_id=d.delivery.entry_id, group_id=d.group_id,
+                                 marker=d.marker) for d in items],
+        )  # fmt: skip
+        try:
+            self.ckpts.write_ledger(ledger)
+        except OSError as exc:  # disk trouble: they stay pending for the next checkpoint
+            log.error("could not write the release ledger %s: %s", self.ckpts.ledger_path, exc)
+            return
+        try:
+            self.queue.mark_and_ack(
+                [(d.delivery, d.group_id, d.marker) for d in items], stage=LEARN
+            )
+        except redis.RedisError as exc:
+            log.error(
+                "could not release %d groups (kept for the next release): %s", len(items), exc
+            )
+            return
+        self.released = ledger.model_copy(update={"records": []})
+        released = {id(d) for d in items}
+        self.window = [d for d in self.window if id(d) not in released]
+        self.batcher.release_held([d.delivery.entry_id for d in items], [d.group_id for d in items])
+        log.debug("released %d skipped/dropped groups", len(items))
+        self._trim()
+
+    def _trim(self) -> None:
+        # Acked entries are now safe to drop; keep the newest ones for lineage queries.
+        try:
+            self.queue.trim(keep_last=self.s.retain_entries)
+        except redis.RedisError as exc:
+            log.warning("could not trim %s: %s", self.queue.key, exc)
 
     def _train(self, groups: list[TrainGroup], wait_s: float) -> None:
         stats = self.trainer.step(groups, self.step, self.margin_total)
@@ -377,6 +538,9 @@ class Learner:
         self.counters["steps"] += 1
         self.counters["groups_trained"] += len(groups)
         self.store.set_fields(step=self.step, policy_version=self.version)
+        if self._waiting_code is not None:
+            self.store.clear_waiting()
+            self._waiting_code = None
         self.flow.consumed(len(groups))
         self.consumed_total += len(groups)
         self.store.incr({"learner.steps": 1, "learner.groups_trained": len(groups)})
@@ -426,6 +590,8 @@ class Learner:
                 },
             )
             self.seq += 1
+            self.released = Ledger(base_seq=state.seq)  # the checkpoint absorbed the ledger
+            self.ckpts.drop_ledger()
             self.last_ckpt_path = str(path / "model")
             log.info("checkpoint %s (%d entries recorded)", path.name, len(self.window))
             self._ack_window()
@@ -462,11 +628,7 @@ class Learner:
             [d.delivery.entry_id for d in self.window], [d.group_id for d in self.window]
         )
         self.window = []
-        # Acked entries are now safe to drop; keep the newest ones for lineage queries.
-        try:
-            self.queue.trim(keep_last=self.s.retain_entries)
-        except redis.RedisError as exc:
-            log.warning("could not trim %s: %s", self.queue.key, exc)
+        self._trim()
 
     def _push_weights(self, full: dict[str, torch.Tensor] | None):
         assert self.push is not None
@@ -537,6 +699,7 @@ class Learner:
         if self.ctx.is_main:
             if reason == "finish" and self.last_push_version != self.version:
                 self._push_weights(full)
+            self.store.clear_waiting()
             self.store.set_fields(step=self.step, policy_version=self.version, status=status)
             log.info("learner %s at step %d (version %d)", status, self.step, self.version)
         return status

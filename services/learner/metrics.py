@@ -1,4 +1,5 @@
-"""Where a step's numbers go: stderr (log line + tqdm bar), JSONL, Prometheus, Redis, PNG.
+"""Where a step's numbers go: stderr (log line + tqdm bar), JSONL, Prometheus, Redis, PNG, and
+the optional experiment trackers (W&B, TensorBoard: ``services.learner.tracking``).
 
 ``plot_every = 0`` turns the PNG off (it costs a matplotlib import and ~2 s per render on a busy
 2-core CPU); otherwise it is redrawn every ``plot_every`` steps and once at exit.
@@ -26,6 +27,7 @@ from conspo.state import RunStore
 from services.learner.batcher import Batch
 from services.learner.plots import write_curves
 from services.learner.step import StepStats
+from services.learner.tracking import Tracker, Trackers
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +112,7 @@ class Metrics:
         total_steps: int,
         progress_bar: bool = True,
         plot_every: int = 10,
+        trackers: list[Tracker] | None = None,
     ) -> None:
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / "metrics.jsonl"
@@ -122,6 +125,7 @@ class Metrics:
         self.eval_records: list[dict[str, Any]] = []
         self._bar = None
         self._progress_bar = progress_bar
+        self.trackers = Trackers(trackers or [])
         g = {n: Gauge(f"learner_{n}", n.replace("_", " "), registry=registry) for n in _GAUGES}
         self.gauges = g
         self.step_gauge = Gauge("learner_step", "optimizer steps", registry=registry)
@@ -190,6 +194,7 @@ class Metrics:
         pipe.execute()
 
     def close(self) -> None:
+        self.trackers.close()
         if self._bar is not None:
             self._bar.close()
             self._bar = None
@@ -227,6 +232,7 @@ class Metrics:
         if self.store is not None:
             point = {k: record[k] for k in _SERIES_KEYS if isinstance(record.get(k), int | float)}
             self.store.append_point("train", point)
+        self.trackers.train(record)
         log.info(
             "step %d/%d v%d loss %.4f reward %.3f acc %.3f informative %.2f gap %.4f "
             "P+ %.3f grad %.3f lr %.2e | wait %.2fs fwd/bwd %.2fs push %.2fs (%.0f tok/s)",
@@ -264,6 +270,7 @@ class Metrics:
         if self.store is not None:
             point = {k: v for k, v in record.items() if isinstance(v, int | float)}
             self.store.append_point("eval", point)
+        self.trackers.eval(record)
         log.info(
             "eval at step %d on %s: %s",
             record["step"],

@@ -96,11 +96,13 @@ class WeightPush:
         bucket_bytes: int,
         device: torch.device,
         colocated: bool = False,
+        join_timeout_s: float | None = None,
     ) -> None:
-        from conspo.weight_sync import WeightPublisher
+        from conspo.weight_sync import WeightPublisher, resolve_backend
 
         self.store = RunStore(client, keys)
         self.device = device
+        self.backend = resolve_backend(backend, device)
         self.publisher = WeightPublisher(
             client,
             keys,
@@ -110,6 +112,7 @@ class WeightPush:
             timeout_s=timeout_s,
             member_ttl_s=member_ttl_s,
             bucket_bytes=bucket_bytes,
+            join_timeout_s=join_timeout_s,
         )
         self.pushes = 0
         self.failures = 0
@@ -153,6 +156,14 @@ class WeightPush:
             self.failures += 1
             log.warning("weight push v%d failed (%d so far): %s", version, self.failures, error)
         return PushOutcome(ok, time.perf_counter() - start, receivers, error)
+
+    def missing_members(self, layout_hash: str) -> list[str]:
+        """Live generators the last push did not reach (joined or restarted since)."""
+        try:
+            return self.publisher.wants_push(layout_hash, self.backend)
+        except redis.RedisError as exc:
+            log.debug("could not read the weight-sync members: %s", exc)
+            return []
 
     def close(self) -> None:
         try:

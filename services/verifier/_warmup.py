@@ -11,8 +11,8 @@ import logging
 logger = logging.getLogger(__name__)
 
 try:
-    from services.verifier.config import GradeConfig
-    from services.verifier.grading import grade_one
+    from conspo.grading.config import GradeConfig
+    from conspo.grading.grade import grade_one
 
     grade_one("so the answer is \\boxed{\\frac{1}{2}}", "0.5", "math", GradeConfig())
 except Exception:  # pragma: no cover - only reached when math-verify is broken

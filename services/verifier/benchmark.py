@@ -18,7 +18,7 @@ import statistics
 import time
 from pathlib import Path
 
-from services.verifier.config import GradeConfig, GradeItem
+from conspo.grading.config import GradeConfig, GradeItem
 from services.verifier.pool import GradingPool
 
 DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "math" / "math500.jsonl"
@@ -60,7 +60,7 @@ def measure(pool: GradingPool, items: list[GradeItem], repeat: int) -> dict[str,
 
 def measure_in_process(items: list[GradeItem], repeat: int) -> dict[str, float]:
     """Reference row: ``grade_one`` in this process, no pool, no IPC, no timeout."""
-    from services.verifier.grading import grade_one
+    from conspo.grading.grade import grade_one
 
     config = GradeConfig()
     for item in items:

@@ -69,9 +69,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from conspo.grading.config import GradeConfig, GradeItem
+from conspo.grading.labels import make_label
 from conspo.protocol import Label, Verdict
-from services.verifier.config import GradeConfig, GradeItem
-from services.verifier.labels import make_label
 
 logger = logging.getLogger(__name__)
 
@@ -197,7 +197,7 @@ def _child_main(
     _harden(limits)
     try:
         import services.verifier._warmup  # noqa: F401 - no-op when the forkserver preloaded it
-        from services.verifier.grading import grade_one
+        from conspo.grading.grade import grade_one
 
         for plugin in plugins:
             load_plugin(plugin)

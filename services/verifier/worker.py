@@ -7,6 +7,10 @@ once; each group is then committed on its own through the idempotent commit (mar
 two commits leaves the rest of its batch to be reclaimed, and a group delivered twice is labelled
 once. A pool failure (not an item's content: those become verdicts) releases the batch for
 immediate redelivery and rebuilds the pool.
+
+The replica also publishes the verifier names it offers (``conspo.serving``): the built-ins and
+its plugins, imported once in this process for the purpose (the graders import them again in
+their own processes), so the api can refuse a prompt that names a verifier nobody offers.
 """
 
 from __future__ import annotations
@@ -18,14 +22,15 @@ from collections.abc import Callable
 
 import redis
 
+from conspo.grading.config import GradeConfig, GradeItem
 from conspo.lineage import VERIFY
 from conspo.protocol import LabeledGroup, RolloutGroup
 from conspo.queue import Commit, StreamQueue
 from conspo.service import ServiceRuntime
+from conspo.serving import publish_verifiers
 from conspo.settings import VerifierSettings
-from services.verifier.config import GradeConfig, GradeItem
 from services.verifier.metrics import VerifierMetrics
-from services.verifier.pool import GradingPool, PoolError
+from services.verifier.pool import GradingPool, PoolError, load_plugin
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +43,18 @@ def grade_config(settings: VerifierSettings) -> GradeConfig:
         error_reward=settings.error_reward,
         scan_chars=settings.scan_chars,
     )
+
+
+def offered_verifiers(plugins: list[str]) -> list[str]:
+    """The verifier names this replica's graders will know: built-ins plus plugins."""
+    from services.verifier.verifiers import known_verifiers
+
+    for plugin in plugins:
+        try:
+            load_plugin(plugin)
+        except Exception as exc:  # the graders will report it; the names are only advisory
+            log.warning("verifier plugin %s does not import here: %s", plugin, exc)
+    return known_verifiers()
 
 
 def make_pool(settings: VerifierSettings) -> GradingPool:
@@ -72,15 +89,22 @@ class VerifierWorker:
         self.labeled = StreamQueue(runtime.client, runtime.keys, "labeled", LabeledGroup, **common)
         self.metrics = VerifierMetrics(runtime.registry)
         self._last_trim = time.monotonic()
+        self._last_dead_check = 0.0
+        self.offered = offered_verifiers(list(settings.plugins))
+        runtime.info["verifiers"] = ",".join(self.offered)
 
     def run(self) -> None:
         self.rt.status = "running"
+        self._publish_offered()
         backoff = 0.5
         try:
             while not self.rt.stopping:
+                errors = self.rt.error_count
                 try:
                     self.step()
                     backoff = 0.5
+                    if self.rt.error_count == errors:
+                        self.rt.recovered()
                 except (redis.ConnectionError, redis.TimeoutError) as exc:
                     self.rt.error(f"redis unavailable: {exc}; retrying in {backoff:.1f}s")
                     self.rt.sleep(backoff)
@@ -92,6 +116,9 @@ class VerifierWorker:
 
     def step(self) -> int:
         """Read one batch, label it, commit each group; returns groups committed."""
+        if time.monotonic() - self._last_dead_check >= self.settings.heartbeat_s:
+            self._last_dead_check = time.monotonic()
+            self.rt.hand_back_from_the_dead(self.rollouts)  # a killed replica's groups
         deliveries = self.rollouts.read(
             self.rt.instance, count=self.settings.groups_per_read, block_ms=self.settings.block_ms
         )
@@ -163,9 +190,16 @@ class VerifierWorker:
         self.rt.info.update(self.metrics.summary())
         return committed
 
+    def _publish_offered(self) -> None:
+        try:
+            publish_verifiers(self.rt.client, self.rt.keys, self.offered)
+        except redis.RedisError as exc:
+            log.warning("could not publish the verifier names: %s", exc)
+
     def _housekeeping(self) -> None:
         if time.monotonic() - self._last_trim < 10.0:
             return
         self._last_trim = time.monotonic()
+        self._publish_offered()  # again, in case Redis lost it
         self.metrics.backlog.set(self.rollouts.backlog().outstanding)
         self.rollouts.trim(keep_last=self.settings.retain_entries)

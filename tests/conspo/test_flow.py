@@ -69,3 +69,15 @@ def test_skipped_groups_widen_the_version_budget(redis_client, keys):
     produce(redis_client, keys, 4)
     flow.consumed(3)  # three all-equal groups skipped at version 0: three more are needed
     assert flow.reserve("g1", 100, served_version=0) == 3
+
+
+def test_a_renewed_lease_outlives_its_ttl_and_a_released_one_is_not_revived(redis_client, keys):
+    flow = make(redis_client, keys, b=4, s=0, lease_ttl_s=0.5)
+    assert flow.reserve("busy", 4, served_version=0) == 4
+    for _ in range(4):  # a long engine call: the heartbeat renews the lease meanwhile
+        time.sleep(0.25)
+        assert flow.renew("busy")
+    assert flow.reserve("other", 4, served_version=0) == 0  # 1 s later, still held
+    flow.release("busy")
+    assert not flow.renew("busy")  # a beat after the release does not bring it back
+    assert flow.reserve("other", 4, served_version=0) == 4

@@ -256,3 +256,35 @@ def test_commit_many_is_one_commit_per_item(redis_client, keys):
     assert redis_client.hget(keys.counters, "verifier.groups") == b"3"
     assert src.backlog().outstanding == 0
     assert redis_client.hlen(keys.failures) == 0
+
+
+def test_a_stream_not_created_yet_is_empty_and_errors_name_the_stream(redis_client, keys):
+    q, _ = queues(redis_client, keys)
+    assert q.trim() == 0 and q.prune_consumers() == 0  # nothing published: nothing to do
+    assert not redis_client.exists(q.key)  # and nothing was created by looking
+    redis_client.set(q.key, "not a stream")
+    with pytest.raises(redis.ResponseError, match=rf"^stream {q.key}: WRONGTYPE"):
+        q.backlog()
+    redis_client.delete(q.key)
+    q.publish(prompt(1), "p-1")
+    redis_client.delete(q.key)  # stream and group gone under a consumer that had made them
+    with pytest.raises(redis.ResponseError, match="NOGROUP"):
+        q.read("c", block_ms=None)  # once; then the group is made again
+    q.publish(prompt(2), "p-2")
+    assert [d.key for d in q.read("c", block_ms=None)] == ["p-2"]
+
+
+def test_entries_of_a_gone_consumer_are_handed_back_at_once(redis_client, keys):
+    q, _ = queues(redis_client, keys, visibility_timeout_s=600)
+    for i in range(4):
+        q.publish(prompt(i), f"p-{i}")
+    assert len(q.read("dead-1", count=2, block_ms=None)) == 2
+    assert len(q.read("alive-1", count=1, block_ms=None)) == 1
+    assert q.read("me", count=1, block_ms=None)[0].key == "p-3"
+    # Ten minutes of visibility timeout: nothing would come back by itself.
+    assert q.read("me", count=4, block_ms=None) == []
+    assert q.release_dead(lambda name: name == "alive-1", me="me") == 2
+    again = q.read("me", count=4, block_ms=None)
+    assert sorted(d.key for d in again) == ["p-0", "p-1"]
+    assert [d.deliveries for d in again] == [2, 2]  # a redelivery, counted as such
+    assert q.release_dead(lambda name: name == "alive-1", me="me") == 0  # "me" is never gone

@@ -686,3 +686,61 @@ def test_subscriber_in_process_with_a_custom_receiver(
     assert receiver.calls[0] == ("receive", 5)
     assert ("leave", report.epoch) in receiver.calls
     assert "gen-x" not in live_members(redis_client, keys, TTL_S)  # deregistered
+
+
+def test_a_sigkilled_member_costs_seconds_not_the_timeouts(
+    start_worker: Start, redis_client: redis.Redis, keys: Keys, tmp_path: Path
+) -> None:
+    # Transfer timeout and member lifetime of a minute: only the fast paths can make this quick.
+    slow = 60.0
+    pub = WeightPublisher(
+        redis_client, keys, timeout_s=slow, member_ttl_s=slow, bucket_bytes=BUCKET,
+        join_timeout_s=3.0,
+    )  # fmt: skip
+    layout = layout_of(make_named("mixed", 1))
+    try:
+        start_worker("gen-a")
+        victim = start_worker("gen-b")
+        wait_members(redis_client, keys, {"gen-a", "gen-b"})
+        first = pub.push(make_named("mixed", 1), version=1, step=1)
+        assert first.ok and first.receivers == ["gen-a", "gen-b"], first
+        wait_served(redis_client, keys, "gen-b", 1)
+        assert pub.wants_push(layout.hash, "gloo") == []  # everybody live is reached
+
+        victim.kill()
+        # The group it was in fails as soon as the collective touches its closed sockets.
+        t0 = time.monotonic()
+        hit = pub.push(make_named("mixed", 2), version=2, step=2)
+        assert time.monotonic() - t0 < 5.0, hit  # (15 ms on a 2-core box: a closed socket)
+        assert not hit.ok or hit.receivers == ["gen-a"], hit
+        # It stopped refreshing its registration: gone after 3 missed beats + 1 s, not 60 s.
+        gone_after = 3 * HEARTBEAT_S + 1.0
+        assert wait_for(
+            lambda: "gen-b" not in live_members(redis_client, keys, slow), gone_after + 2.0
+        )
+        t0 = time.monotonic()
+        alone = pub.push(make_named("mixed", 3), version=3, step=3)
+        assert alone.ok and alone.receivers == ["gen-a"], alone
+        assert time.monotonic() - t0 < 5.0  # nobody waited for
+
+        # A newcomer (the restarted generator) is seen by an idle learner, and reached.
+        start_worker("gen-c")
+        wait_members(redis_client, keys, {"gen-c"})
+        assert pub.wants_push(layout.hash, "gloo") == ["gen-c"]
+        both = pub.push(make_named("mixed", 3), version=3, step=3)
+        assert both.ok and both.receivers == ["gen-a", "gen-c"], both
+        assert pub.wants_push(layout.hash, "gloo") == []
+        wait_served(redis_client, keys, "gen-c", 3)
+    finally:
+        pub.close()
+
+
+def test_a_rebuilt_group_waits_the_join_timeout_for_a_member_that_never_comes() -> None:
+    store = make_store("127.0.0.1", 0, is_master=True, timeout_s=60.0)
+    rdv = Rendezvous(
+        host="127.0.0.1", port=store.port, world_size=2, epoch=0, backend="gloo", members=["x"]
+    )
+    t0 = time.monotonic()
+    with pytest.raises(GroupError, match="within 1s"):
+        open_group(rdv, 0, 60.0, store=store, join_timeout_s=1.0)
+    assert time.monotonic() - t0 < 10.0  # the join timeout, not the store's or the transfer's

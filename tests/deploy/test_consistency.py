@@ -112,3 +112,13 @@ def test_overlays_keep_image_names_and_tags(kit):
             assert rule["newTag"] == base[rule["name"]]["newTag"], overlay
             new = rule.get("newName", rule["name"])
             assert new.rsplit("/", 1)[-1] in ("conspo-cpu", "conspo-gpu"), overlay
+
+
+def test_every_conspo_name_on_the_first_run_pages_is_a_setting(kit):
+    """docs/byo-model.md and the README name settings a first run sets by hand: each is real
+    (CONSPO_SHARED_DATA is the benchmark folder of conspo.paths, CONSPO_CONFIG the loader's)."""
+    known = kit.all_env_names() | kit.LOADER_VARS | {"CONSPO_SHARED_DATA"}
+    assert "CONSPO_SHARED_DATA" in (REPO / "conspo" / "paths.py").read_text()
+    for page in (REPO / "docs" / "byo-model.md", REPO / "README.md"):
+        for name in re.findall(r"\bCONSPO_[A-Z0-9_]+\b", page.read_text()):
+            assert name in known, f"{page.name}: {name} is not a settings field"

@@ -94,6 +94,7 @@ class DatasetFeeder:
         lock_ttl_s: float,
         on_fed: Callable[[int], None] | None = None,
         on_error: Callable[[str], None] | None = None,
+        on_recovered: Callable[[], None] | None = None,
     ) -> None:
         self.store = store
         self.prompts = prompts
@@ -104,6 +105,7 @@ class DatasetFeeder:
         self.lock_ttl_ms = max(1, int(lock_ttl_s * 1000))
         self.on_fed = on_fed
         self.on_error = on_error
+        self.on_recovered = on_recovered
         client = store.client
         self._feed = client.register_script(_FEED)
         self._acquire = client.register_script(_ACQUIRE)
@@ -132,6 +134,8 @@ class DatasetFeeder:
         while not self._stop.is_set():
             try:
                 self.tick()
+                if self._last_error is not None and self.on_recovered is not None:
+                    self.on_recovered()
                 self._last_error = None
             except Exception as exc:  # the feeder must outlive Redis outages and bad rows
                 message = f"dataset feeder: {type(exc).__name__}: {redact(exc)}"

@@ -1,11 +1,14 @@
 """Turning JSONL rows into prompt rows with a field mapping alone.
 
 The benchmark files disagree on field names and answer formats, so the mapping covers them
-without code: a prompt field (optionally through a template), an answer field that may be a
-number (AMC's ``27.0`` -> ``"27"``), a list (OlympiadBench: first item, or joined), a full
-solution whose last ``\\boxed{}`` is the answer (Minerva), or text whose answer follows a marker
-(GSM8K's ``#### ``) or matches a regex. A row that cannot be mapped is rejected with its line
-number and reason; the rest load.
+without code: a prompt field (optionally through a template, as text or chat messages), an
+answer field that may be a number (AMC's ``27.0`` -> ``"27"``), a list (OlympiadBench: first
+item, or joined), a full solution whose last ``\\boxed{}`` is the answer (Minerva), or text whose
+answer follows a marker (GSM8K's ``#### ``) or matches a regex. The row-level rules live in
+``conspo.rows`` because ``conspo eval`` maps benchmark rows with them too (one mapping for
+training and evaluation); this module adds what only the api needs: user regexes, ids, limits,
+metadata, and the admission check (``check``: a prompt too long for the served model). A row
+that cannot be mapped or is refused is rejected with its line number and reason; the rest load.
 
 ``answer_regex`` is user input applied to every row: it runs through the ``regex`` module with a
 per-row timeout when that module is installed (it is, as a dependency of transformers), so a
@@ -17,9 +20,11 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from conspo.rows import AnswerField, PromptFormat, RowError, field_text, gold_answer
 from services.api.schemas import DatasetSpec, RejectedRow
 
 try:  # a timeout on user-supplied patterns
@@ -29,13 +34,9 @@ except ImportError:  # pragma: no cover - regex ships with transformers
 
 MAX_REJECTED_REPORTED = 100
 REGEX_TIMEOUT_S = 0.05
-_PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _ROW_ID = re.compile(r"^[A-Za-z0-9_.@/+=-]{1,120}$")
-_BOX_COMMAND = re.compile(r"\\(?:boxed|fbox)\s*\{")
 
-
-class RowError(ValueError):
-    """This row cannot become a prompt; the message says why."""
+__all__ = ["LoadResult", "Mapper", "RowError", "load_inline", "load_jsonl"]
 
 
 @dataclass(frozen=True)
@@ -45,46 +46,22 @@ class LoadResult:
     rejected_count: int
 
 
-def scalar_text(value: Any, what: str) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise RowError(f"{what} is not a finite number")
-        return str(int(value)) if value.is_integer() and abs(value) < 1e16 else repr(value)
-    if isinstance(value, str):
-        return value
-    raise RowError(f"{what} is a {type(value).__name__}, expected text or a number")
-
-
-def last_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}`` (or ``\\fbox``) whose braces balance."""
-    for match in list(_BOX_COMMAND.finditer(text))[-20:][::-1]:
-        depth, i = 1, match.end()
-        start = i
-        while i < len(text):
-            char = text[i]
-            if char == "\\":
-                i += 2
-                continue
-            if char == "{":
-                depth += 1
-            elif char == "}":
-                depth -= 1
-                if depth == 0:
-                    content = text[start:i].strip()
-                    if content:
-                        return content
-                    break
-            i += 1
-    return None
+RowCheck = Callable[[dict[str, Any]], str | None]  # a mapped row -> why it is refused, or None
 
 
 class Mapper:
-    def __init__(self, spec: DatasetSpec) -> None:
+    def __init__(self, spec: DatasetSpec, check: RowCheck | None = None) -> None:
         self.spec = spec
+        self._format = PromptFormat(
+            template=spec.template, system_prompt=spec.system_prompt, chat=spec.chat
+        )
+        self._answer = AnswerField(
+            answer_field=spec.answer_field,
+            answer_boxed=spec.answer_boxed,
+            answer_after=spec.answer_after,
+            answer_join=spec.answer_join,
+        )
+        self.check = check
         self._pattern: Any = None
         if spec.answer_regex is not None:
             try:
@@ -93,26 +70,6 @@ class Mapper:
                 raise ValueError(f"answer_regex does not compile: {exc}") from None
 
     # -- pieces ---------------------------------------------------------------------------------
-    def _render(self, row: dict[str, Any], prompt: str) -> str:
-        template = self.spec.template
-        if template is None:
-            return prompt
-
-        def substitute(match: re.Match[str]) -> str:
-            token = match.group(0)
-            if token == "{{":
-                return "{"
-            if token == "}}":
-                return "}"
-            name = match.group(1)
-            if name == "prompt":
-                return prompt
-            if name not in row or row[name] is None:
-                raise RowError(f"template field {name!r} is missing")
-            return scalar_text(row[name], f"template field {name!r}")
-
-        return _PLACEHOLDER.sub(substitute, template)
-
     def _search(self, text: str) -> str:
         try:
             if _regex is not None:
@@ -126,28 +83,7 @@ class Mapper:
         return match.group(1) if self._pattern.groups else match.group(0)
 
     def answer(self, row: dict[str, Any]) -> str:
-        spec = self.spec
-        value = row.get(spec.answer_field)
-        if value is None:
-            raise RowError(f"answer field {spec.answer_field!r} is missing")
-        if isinstance(value, list):
-            items = [scalar_text(v, "answer item") for v in value if v is not None]
-            if not items:
-                raise RowError(f"answer field {spec.answer_field!r} is an empty list")
-            text = spec.answer_join.join(items) if spec.answer_join is not None else items[0]
-        else:
-            text = scalar_text(value, f"answer field {spec.answer_field!r}")
-        if spec.answer_boxed:
-            boxed = last_boxed(text)
-            if boxed is None:
-                raise RowError(f"no \\boxed{{}} answer in field {spec.answer_field!r}")
-            text = boxed
-        if spec.answer_after is not None:
-            at = text.rfind(spec.answer_after)
-            if at < 0:
-                raise RowError(f"marker {spec.answer_after!r} not found in the answer field")
-            text = text[at + len(spec.answer_after) :].strip()
-            text = text.splitlines()[0] if text else ""
+        text = gold_answer(row, self._answer)
         if self._pattern is not None:
             text = self._search(text)
         text = text.strip()
@@ -181,8 +117,9 @@ class Mapper:
         raw_prompt = row.get(spec.prompt_field)
         if raw_prompt is None:
             raise RowError(f"prompt field {spec.prompt_field!r} is missing")
-        prompt = scalar_text(raw_prompt, f"prompt field {spec.prompt_field!r}")
-        text = self._render(row, prompt)
+        prompt = field_text(raw_prompt, f"prompt field {spec.prompt_field!r}")
+        rendered = self._format.render(prompt, row)
+        text = rendered["messages"][-1]["content"] if "messages" in rendered else rendered["text"]
         if not text.strip():
             raise RowError("the prompt text is empty")
         if len(text) > 100_000:
@@ -191,20 +128,17 @@ class Mapper:
             raw_id = row.get(spec.id_field)
             if raw_id is None:
                 raise RowError(f"id field {spec.id_field!r} is missing")
-            row_id = scalar_text(raw_id, f"id field {spec.id_field!r}")
+            row_id = field_text(raw_id, f"id field {spec.id_field!r}")
             if not _ROW_ID.match(row_id):
                 raise RowError(f"id {row_id[:50]!r} is not 1-120 characters of [A-Za-z0-9_.@/+=-]")
         else:
             row_id = str(line)
-        out: dict[str, Any] = {"id": row_id, "answer": self.answer(row)}
-        if spec.system_prompt is not None:
-            out["messages"] = [
-                {"role": "system", "content": spec.system_prompt},
-                {"role": "user", "content": text},
-            ]
-        else:
-            out["text"] = text
+        out: dict[str, Any] = {"id": row_id, "answer": self.answer(row), **rendered}
         out["metadata"] = self._metadata(row)
+        if self.check is not None:
+            refused = self.check(out)
+            if refused:
+                raise RowError(refused)
         return out
 
 
@@ -229,8 +163,10 @@ def _accept(
     return 0
 
 
-def load_jsonl(data: bytes, spec: DatasetSpec, max_rows: int) -> LoadResult:
-    mapper = Mapper(spec)
+def load_jsonl(
+    data: bytes, spec: DatasetSpec, max_rows: int, check: RowCheck | None = None
+) -> LoadResult:
+    mapper = Mapper(spec, check)
     rows: list[dict[str, Any]] = []
     rejected: list[RejectedRow] = []
     seen: set[str] = set()
@@ -254,8 +190,10 @@ def load_jsonl(data: bytes, spec: DatasetSpec, max_rows: int) -> LoadResult:
     return LoadResult(rows, rejected, count)
 
 
-def load_inline(items: list[dict[str, Any]], spec: DatasetSpec, max_rows: int) -> LoadResult:
-    mapper = Mapper(spec)
+def load_inline(
+    items: list[dict[str, Any]], spec: DatasetSpec, max_rows: int, check: RowCheck | None = None
+) -> LoadResult:
+    mapper = Mapper(spec, check)
     rows: list[dict[str, Any]] = []
     rejected: list[RejectedRow] = []
     seen: set[str] = set()

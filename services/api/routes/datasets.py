@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from conspo.protocol import new_id
+from services.api.admission import Admission
 from services.api.auth import v1_router
 from services.api.context import AppContext, get_ctx
 from services.api.datasets.mapping import LoadResult, Mapper, load_inline, load_jsonl
@@ -163,11 +164,23 @@ def create(ctx: AppContext, body: bytes, content_type: str, query: DatasetQuery)
     _check_regex(spec)
     if data is not None and not data.strip():
         raise ApiError(422, "empty_dataset", "the dataset file is empty")
+    admission = Admission.read(ctx.client, ctx.keys, settings.verifiers)
+    refusal = admission.check_verifier(spec.verifier)
+    if refusal is not None:
+        raise ApiError(
+            422, refusal.code, refusal.message, [{"loc": ["verifier"], "msg": refusal.message}]
+        )
+
+    def check(row: dict[str, Any]) -> str | None:
+        contents = [m["content"] for m in row["messages"]] if "messages" in row else None
+        refused = admission.check_prompt(row.get("text"), contents, row["answer"])
+        return refused.message if refused else None
+
     limit = settings.max_dataset_rows
     if data is not None:
-        result: LoadResult = load_jsonl(data, spec, limit)
+        result: LoadResult = load_jsonl(data, spec, limit, check)
     else:
-        result = load_inline(spec.rows or [], spec, limit)
+        result = load_inline(spec.rows or [], spec, limit, check)
     if len(result.rows) > limit:
         raise ApiError(413, "dataset_too_large", f"more than {limit} valid rows (max_dataset_rows)")
     if not result.rows:

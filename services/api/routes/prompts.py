@@ -1,4 +1,5 @@
-"""POST /v1/prompts: validate, convert to ``conspo.protocol.Prompt``, publish (once per key)."""
+"""POST /v1/prompts: validate, refuse what can only fail later (``services.api.admission``),
+convert to ``conspo.protocol.Prompt``, publish (once per key, once per prompt id)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from fastapi import Depends, Header, Response
 from pydantic import ValidationError
 
 from conspo.protocol import Prompt, new_id
+from services.api.admission import Admission
 from services.api.auth import v1_router
 from services.api.context import AppContext, get_ctx
 from services.api.errors import ApiError, error_responses, validation_details
@@ -53,7 +55,7 @@ def to_prompt(item: PromptIn) -> Prompt:
     response_model=PromptsAccepted,
     summary="Enqueue one or many training prompts",
     responses={
-        **error_responses(400, 401, 413, 422, 503),
+        **error_responses(400, 401, 409, 413, 422, 503),
         202: {
             "description": "Published to the `prompts` stream (or replayed for a known key)",
             "headers": {
@@ -92,22 +94,45 @@ def submit_prompts(
                     [{"loc": ["body", "prompts", str(i), "prompt_id"], "msg": "duplicate"}],
                 )
             seen.add(item.prompt_id)
+    admit(ctx, items)
     try:
         prompts = [to_prompt(item) for item in items]
     except ValidationError as exc:
         raise ApiError(
             422, "validation_error", "invalid prompt", validation_details(exc.errors())
         ) from None
-    publisher = ctx.publisher
+    fps = [fingerprint(item.model_dump(mode="json", exclude={"prompt_id"})) for item in items]
     if idempotency_key is None:
-        result = publisher.publish(prompts)
+        result = ctx.publisher.publish(prompts, fps)
     else:
         fp = fingerprint([item.model_dump(mode="json") for item in items])
-        result = publisher.publish_once(idempotency_key, fp, prompts)
+        result = ctx.publisher.publish(prompts, fps, key=idempotency_key, fp=fp)
     if result.replayed:
         response.headers["Idempotent-Replayed"] = "true"
-    else:
-        ctx.metrics.prompts_accepted.labels("request").inc(len(result.entry_ids))
+    elif result.enqueued:
+        ctx.metrics.prompts_accepted.labels("request").inc(result.enqueued)
     return PromptsAccepted(
-        count=len(result.entry_ids), prompt_ids=result.prompt_ids, entry_ids=result.entry_ids
+        count=len(result.entry_ids),
+        prompt_ids=result.prompt_ids,
+        entry_ids=result.entry_ids,
+        replayed=result.known,
     )
+
+
+def admit(ctx: AppContext, items: list[PromptIn]) -> None:
+    """422 with the first refused prompt's reason (``services.api.admission``)."""
+    admission = Admission.read(ctx.client, ctx.keys, ctx.settings.verifiers)
+    for i, item in enumerate(items):
+        contents = [m.content for m in item.messages] if item.messages is not None else None
+        refusal = admission.check_prompt(
+            item.text, contents, answer_text(item.answer)
+        ) or admission.check_verifier(item.verifier)
+        if refusal is not None:
+            where = f"prompt {i}: " if len(items) > 1 else ""
+            raise ApiError(
+                422,
+                refusal.code,
+                where + refusal.message,
+                [{"loc": ["body", "prompts", str(i), refusal.field], "msg": refusal.message,
+                  "type": refusal.code}],
+            )  # fmt: skip

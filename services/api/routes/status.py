@@ -5,7 +5,9 @@ is older than three heartbeat intervals (or that said they stopped) are listed a
 hidden: a crashed generator stays visible with its last error. Every string other processes wrote
 (state fields, errors, heartbeat info) passes through ``redact`` on the way out. When Redis lost
 the run's state (``conspo.incarnation``), ``status`` says ``redis_state_lost`` and
-``redis_state_detail`` says why, instead of an empty run looking ``idle``.
+``redis_state_detail`` says why, instead of an empty run looking ``idle``. ``waiting`` is the
+learner's own account of why no step is happening (``conspo.state.Waiting``), lifted out of the
+state hash.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Annotated, Any
 from fastapi import Depends, Query
 
 from conspo.protocol import DecodeError, WeightAnnouncement, decode
+from conspo.state import WAITING_FIELD, Waiting, parse_waiting
 from services.api.auth import v1_router
 from services.api.context import AppContext, get_ctx
 from services.api.depths import all_depths
@@ -135,10 +138,18 @@ def _series(ctx: AppContext, name: str, points: int) -> list[dict[str, Any]]:
     return out
 
 
+def _waiting(raw: str | None) -> Waiting | None:
+    waiting = parse_waiting(raw) if raw else None
+    if waiting is None:
+        return None
+    return waiting.model_copy(update={"reason": redact(waiting.reason)[:2000]})
+
+
 def run_status(ctx: AppContext, points: int) -> RunStatus:
     incarnation = ctx.incarnation.check()
-    raw_fields = ctx.client.hgetall(ctx.keys.state)
-    fields = redact_mapping({_s(k): _s(v) for k, v in raw_fields.items()})
+    raw_fields = {_s(k): _s(v) for k, v in ctx.client.hgetall(ctx.keys.state).items()}
+    waiting = _waiting(raw_fields.pop(WAITING_FIELD, None))
+    fields = redact_mapping(raw_fields)
     curves = Curves(train=_series(ctx, "train", points), eval=_series(ctx, "eval", points))
     services, replicas = _services(ctx)
     return RunStatus(
@@ -148,6 +159,7 @@ def run_status(ctx: AppContext, points: int) -> RunStatus:
         redis_state_detail=redact(incarnation.detail) if incarnation.detail else None,
         step=_int(fields.get("step")),
         policy_version=_int(fields.get("policy_version")),
+        waiting=waiting,
         fields=fields,
         counters=_counters(ctx),
         curves=curves,

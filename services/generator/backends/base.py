@@ -74,8 +74,9 @@ class Backend(Protocol):
     def load_checkpoint(self, path: str | Path) -> None: ...
 
     def device_info(self) -> dict[str, str]:
-        """``device`` (and ``gpu_uuid`` on CUDA) for the heartbeat: the learner uses them to
-        detect a generator on its own GPU (NCCL cannot broadcast to it)."""
+        """``device``, the served ``dtype`` (and ``gpu_uuid`` on CUDA) for the heartbeat: the
+        learner uses them to detect a generator on its own GPU (NCCL cannot broadcast to it),
+        operators to see in what precision behaviour log-probs are computed."""
         ...
 
     def close(self) -> None: ...

@@ -34,6 +34,7 @@ from typing import Any, Literal
 
 import torch
 
+from conspo.models.tiny import context_length
 from conspo.protocol import Completion, SamplingParams
 from services.generator.backends.base import BackendError, WeightLoadError, per_prompt
 
@@ -63,18 +64,6 @@ def mix_seeds(seeds: Sequence[int]) -> int:
     return int.from_bytes(digest, "little") & 0x7FFF_FFFF
 
 
-def model_max_len(model: Any, tokenizer: Any) -> int:
-    """The context length: the model's position limit, else the tokenizer's (if sensible)."""
-    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        value = getattr(model.config, attr, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    value = getattr(tokenizer, "model_max_length", None)
-    if isinstance(value, int) and 0 < value < 10**7:
-        return value
-    return 2048
-
-
 class HFBackend:
     """``Backend`` over a transformers causal LM (see ``backends.base`` for the contract)."""
 
@@ -93,7 +82,7 @@ class HFBackend:
         self.tokenizer = tokenizer
         self.seed_mode: SeedMode = seed_mode
         self.max_batch_rows = max_batch_rows
-        self.max_model_len = model_max_len(model, tokenizer)
+        self.max_model_len = context_length(model, tokenizer)
         self._lock = threading.Lock()  # generate / load_weights never interleave
 
     @classmethod
@@ -118,7 +107,7 @@ class HFBackend:
             path,
             dev,
             next(model.parameters()).dtype,
-            model_max_len(model, tokenizer),
+            context_length(model, tokenizer),
         )
         return cls(model, tokenizer, seed_mode=seed_mode, max_batch_rows=max_batch_rows)
 
@@ -214,8 +203,9 @@ class HFBackend:
         self.load_weights(load_checkpoint(path, self.model, device="cpu"))
 
     def device_info(self) -> dict[str, str]:
-        device = next(self.model.parameters()).device
-        info = {"device": str(device)}
+        param = next(self.model.parameters())
+        device = param.device
+        info = {"device": str(device), "dtype": str(param.dtype).removeprefix("torch.")}
         if device.type == "cuda":
             info["gpu_uuid"] = str(torch.cuda.get_device_properties(device).uuid)
         return info

@@ -1,10 +1,12 @@
-"""The verifier registry and the built-in verifiers (``math``, ``exact``, ``arith``).
+"""The import path verifier plugins were written against: ``from services.verifier.verifiers
+import register``.
 
-Importing this package registers the built-ins. See ``registry`` for how to add one.
+The grading core moved to ``conspo.grading`` (the learner's evaluation and ``conspo eval`` grade
+with it too, and a service must not import another service); this module keeps existing plugins
+working by re-exporting the registry. New plugins may import ``conspo.grading.verifiers``.
 """
 
-from services.verifier.verifiers import arith, exact, math_answer
-from services.verifier.verifiers.registry import (
+from conspo.grading.verifiers import (
     UnknownVerifierError,
     Verifier,
     get_verifier,
@@ -16,11 +18,8 @@ from services.verifier.verifiers.registry import (
 __all__ = [
     "UnknownVerifierError",
     "Verifier",
-    "arith",
-    "exact",
     "get_verifier",
     "known_verifiers",
-    "math_answer",
     "register",
     "unregister",
 ]

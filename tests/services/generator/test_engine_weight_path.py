@@ -30,16 +30,23 @@ TIMEOUT = 60.0
 
 
 class NameLoadingModel:
-    """Loads (name, tensor) pairs into an HF model, like a vLLM model's ``load_weights``."""
+    """Loads (name, tensor) pairs into an HF model, like a vLLM model's ``load_weights``.
+    ``fail_next = k`` breaks the next load after k tensors (a load failing midway, once);
+    ``broken`` breaks every load."""
 
     def __init__(self, hf: torch.nn.Module) -> None:
         self.hf = hf
+        self.fail_next: int | None = None
+        self.broken = False
 
     def load_weights(self, weights: Any) -> set[str]:
         params = dict(self.hf.named_parameters())
         loaded = set()
         with torch.no_grad():
             for name, tensor in weights:
+                if self.broken or (self.fail_next is not None and len(loaded) == self.fail_next):
+                    self.fail_next = None
+                    raise RuntimeError("out of memory (simulated)")
                 params[name].copy_(tensor)
                 loaded.add(name)
         return loaded
@@ -158,3 +165,43 @@ def test_apply_refuses_a_version_that_is_not_staged(tiny_path, models):
     worker = StandInWorker(served)
     result = worker.conspo_apply_staged("no-such-ticket")
     assert not result["ok"] and "not staged" in result["error"]
+
+
+def test_a_load_that_fails_midway_puts_the_previous_version_back(tiny_path, models):
+    from services.generator.vllm_worker import pack_tensors
+
+    served, new, old, _ = models
+    worker = StandInWorker(served)
+    template = template_from_config(tiny_path, torch.float32)
+    assert worker.conspo_set_template(specs_of(template), str(tiny_path))["ok"]
+    assert worker.conspo_load_tensors(pack_tensors(new.named_parameters()))["ok"]
+    assert same_weights(served, new)
+
+    newer = {n: p.detach() * 0.5 for n, p in old.named_parameters()}
+    worker.model_runner.model.fail_next = 5  # five tensors of ``newer`` land, then it breaks
+    result = worker.conspo_load_tensors(pack_tensors(newer.items()))
+    assert not result["ok"] and result["restored"], result
+    assert "out of memory" in result["error"]
+    assert same_weights(served, new)  # all of the previous version, none of the broken one
+
+    # Refused before anything is copied: a wrong shape, an unknown name.
+    bad = dict(newer)
+    name = next(iter(bad))
+    bad[name] = bad[name][:-1]
+    result = worker.conspo_load_tensors(pack_tensors(bad.items()))
+    assert result["refused"] and "shape" in result["error"]
+    result = worker.conspo_load_tensors(pack_tensors([("no.such.weight", torch.zeros(1))]))
+    assert result["refused"] and "unknown parameter" in result["error"]
+    assert same_weights(served, new)
+
+
+def test_a_failed_restore_reports_the_engine_dead(tiny_path, models):
+    from services.generator.vllm_worker import pack_tensors
+
+    served, new, _, _ = models
+    worker = StandInWorker(served)
+    template = template_from_config(tiny_path, torch.float32)
+    worker.conspo_set_template(specs_of(template), str(tiny_path))
+    worker.model_runner.model.broken = True
+    result = worker.conspo_load_tensors(pack_tensors(new.named_parameters()))
+    assert not result["ok"] and result["dead"], result

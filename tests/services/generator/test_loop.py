@@ -222,3 +222,81 @@ def test_stopping_releases_prompts_read_but_not_started(
     assert owners.get(loop.instance, 0) == 0
     assert redis_client.xlen(keys.rollouts) == 0
     runtime.client.close()
+
+
+def test_no_prompts_yet_is_not_an_error_and_errors_clear_once_it_works_again(
+    hf_backend, run_loop, redis_client, keys
+):
+    from conspo.protocol import Heartbeat
+
+    with run_loop(hf_backend, heartbeat_s=0.2) as running:
+        runtime = running.runtime
+        # Started before anything exists: it polls an empty, not-yet-created stream quietly.
+        time.sleep(1.0)
+        assert (runtime.last_error, runtime.error_count) == (None, 0)
+        # Something else sits under the prompts key: the error names the stream.
+        redis_client.delete(keys.prompts)
+        redis_client.set(keys.prompts, "not a stream")
+        assert wait_for(lambda: runtime.error_count > 0, TIMEOUT)
+        assert keys.prompts in (runtime.last_error or ""), runtime.last_error
+        redis_client.delete(keys.prompts)
+        # It works again: the error clears; its count and time stay in the heartbeat.
+        assert wait_for(lambda: runtime.last_error is None, TIMEOUT)
+        publish(redis_client, keys, [arith(0)])
+        assert wait_for(lambda: redis_client.exists(keys.rollouts), TIMEOUT)
+
+        runtime.beat()  # (the fixture's runtime has no heartbeat thread)
+        beat = decode(
+            redis_client.hget(keys.heartbeats, f"generator:{runtime.instance}"), Heartbeat
+        )
+        assert beat.last_error is None
+        assert beat.info["errors"] == runtime.error_count >= 1
+        assert beat.info["last_error_at"] <= time.time()
+
+
+def test_the_generator_publishes_what_it_serves_for_the_apis_checks(
+    hf_backend, settings_for, redis_client, keys
+):
+    from pathlib import Path
+
+    from conspo.serving import read_served_model
+    from services.generator.main import publish_serving
+
+    settings = settings_for()
+    runtime = ServiceRuntime(settings, "generator")
+    try:
+        publish_serving(runtime, settings, hf_backend)
+    finally:
+        runtime.client.close()
+    served = read_served_model(redis_client, keys)
+    assert served is not None
+    assert (served.max_model_len, served.instance) == (hf_backend.max_model_len, runtime.instance)
+    assert served.tokenizer_path is not None
+    assert (Path(served.tokenizer_path) / "tokenizer.json").is_file()
+    longest = max(len(t) for t in hf_backend.tokenizer.get_vocab())
+    assert served.max_token_chars == longest
+    assert runtime.info["max_model_len"] == hf_backend.max_model_len
+
+
+def test_a_generator_held_back_by_flow_control_says_so(hf_backend, settings_for, keys, caplog):
+    settings = settings_for(max_staleness=0)
+    runtime = ServiceRuntime(settings, "generator")
+    try:
+        FlowControl(runtime.client, keys, batch_groups=2, max_staleness=0).publish_limits(
+            batch_groups=2, max_staleness=0
+        )
+        runtime.store.set_fields(policy_version=3)
+        loop = GeneratorLoop(runtime, settings, hf_backend, served_version=1)
+        caplog.set_level("INFO", logger="services.generator.loop")
+        loop._say_why_no_budget(100.0)
+        loop._say_why_no_budget(105.0)
+        assert "no generation budget" not in caplog.text  # quiet for the first 10 s
+        loop._say_why_no_budget(111.0)
+        assert (
+            "no generation budget for 11 s (serving v1, learner at v3, max_staleness 0): waiting "
+            "for the learner to consume what is in flight or for newer weights" in caplog.text
+        )
+        loop._say_why_no_budget(130.0)
+        assert caplog.text.count("no generation budget") == 1  # at most once a minute
+    finally:
+        runtime.client.close()

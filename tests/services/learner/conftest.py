@@ -157,6 +157,26 @@ def learner_env():
 
 
 @pytest.fixture
+def learner_settings(redis_url, run_name, model_path, tmp_path):
+    """``learner_settings(**over)``: an in-process learner of this test's run (quiet, quick)."""
+    from conspo.settings import LearnerSettings
+
+    def make(**over):
+        base = dict(
+            redis_url=redis_url,
+            run=run_name,
+            model_path=model_path,
+            data_dir=tmp_path,
+            lr=1e-3,
+            progress_bar=False,
+            block_ms=200,
+        )
+        return LearnerSettings(**{**base, **over})
+
+    return make
+
+
+@pytest.fixture
 def spawn_learner():
     """Start ``python -m conspo.cli learner`` subprocesses; kills leftovers at teardown."""
     procs: list[subprocess.Popen] = []

@@ -18,23 +18,12 @@ from services.learner.distributed import DistContext
 from services.learner.learner import Learner
 
 
-def _settings(redis_url, run_name, model_path, tmp_path, **over) -> LearnerSettings:
-    base = dict(
-        redis_url=redis_url,
-        run=run_name,
-        model_path=model_path,
-        data_dir=tmp_path,
-        lr=1e-3,
-        progress_bar=False,
-        wait_timeout_s=10,
-        block_ms=200,
-        plot_every=2,
-    )
-    return LearnerSettings(**{**base, **over})
+def _settings(learner_settings, **over) -> LearnerSettings:
+    return learner_settings(**{"wait_timeout_s": 10, "plot_every": 2, **over})
 
 
 def test_stale_and_all_equal_groups_are_counted_and_marked(
-    redis_url, redis_client, run_name, keys, model_path, tmp_path, groups_factory
+    redis_url, redis_client, keys, tmp_path, run_name, groups_factory, learner_settings
 ):
     step1 = groups_factory(2, prefix="a")  # version 0: trained in step 1
     same = groups_factory(1, prefix="s", version=1, pattern=lambda i: [False] * 4)
@@ -45,10 +34,7 @@ def test_stale_and_all_equal_groups_are_counted_and_marked(
     queue.publish_many([(g, g.group_id) for g in stream])
 
     settings = _settings(
-        redis_url,
-        run_name,
-        model_path,
-        tmp_path,
+        learner_settings,
         batch_groups=2,
         max_staleness=0,
         total_steps=2,
@@ -107,7 +93,7 @@ def test_stale_and_all_equal_groups_are_counted_and_marked(
 
 
 def test_skipped_groups_count_as_consumed_before_the_batch_is_complete(
-    redis_url, redis_client, run_name, keys, model_path, tmp_path, groups_factory
+    redis_url, redis_client, keys, groups_factory, learner_settings
 ):
     # With max_staleness = 0 generators may only have B groups in flight; if the learner
     # reported skipped groups only once B informative ones were in hand, the generators would
@@ -117,10 +103,7 @@ def test_skipped_groups_count_as_consumed_before_the_batch_is_complete(
     uninformative = groups_factory(2, prefix="s", pattern=lambda i: [True] * 4)
     queue.publish_many([(g, g.group_id) for g in [*first, *uninformative]])
     settings = _settings(
-        redis_url,
-        run_name,
-        model_path,
-        tmp_path,
+        learner_settings,
         batch_groups=2,
         max_staleness=0,
         total_steps=1,

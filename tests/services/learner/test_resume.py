@@ -171,3 +171,95 @@ def _state(path: Path):
     from services.learner.checkpoint import STATE_FILE, CheckpointState
 
     return CheckpointState.model_validate_json((path / STATE_FILE).read_text())
+
+
+@pytest.mark.slow
+def test_kill_and_resume_with_skips_released_early_takes_the_same_decisions(
+    redis_url, redis_client, run_name, keys, model_path, tmp_path, groups_factory, spawn_learner,
+    learner_env,
+):  # fmt: skip
+    """Skipped groups are released between checkpoints (the ledger); a SIGKILL once some are,
+    then a restart: every group still lands in the step it belongs to, skips are counted once."""
+    b, steps, every = 2, 6, 3
+    # Informative groups every third entry, all-equal ones between them; the stream ends on an
+    # informative group so that every entry is decided by the time the last step is trained.
+    n = 3 * b * steps - 2
+    groups = groups_factory(
+        n,
+        group_size=4,
+        seed=11,
+        pattern=lambda i: [j <= i % 2 for j in range(4)] if i % 3 == 0 else [True] * 4,
+    )
+    expected, informative = [], 0
+    for i in range(n):
+        if i % 3 == 0:
+            informative += 1
+            expected.append(f"trained:{(informative - 1) // b + 1}")
+        else:
+            expected.append("skipped:all_equal")
+    assert informative == b * steps
+    settings = dict(
+        batch_groups=b,
+        total_steps=steps,
+        checkpoint_every=every,
+        keep_checkpoints=50,
+        max_staleness=100,
+        lr=3e-3,
+        seed=1,
+        waiting_after_s=0.2,  # release (and explain) at almost every read
+    )
+    queue = StreamQueue(redis_client, keys, "labeled", LabeledGroup)
+    last_step_starts = expected.index(f"trained:{steps}")
+    queue.publish_many([(g, g.group_id) for g in groups[:last_step_starts]])
+    ckpts = CheckpointManager(tmp_path / run_name / "checkpoints", 50)
+
+    def released_past_a_checkpoint() -> bool:
+        latest = ckpts.latest()
+        ledger = ckpts.read_ledger(latest.state.seq) if latest else None
+        return ledger is not None and ledger.consumed > 0
+
+    victim = spawn_learner(
+        learner_env(redis_url, run_name, model_path, tmp_path, **settings),
+        tmp_path / "victim-1.log",
+    )
+    assert wait_for(released_past_a_checkpoint, 150, 0.02), (tmp_path / "victim-1.log").read_text()[
+        -3000:
+    ]
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait(timeout=30)
+    killed_at = int(_fields(redis_client, run_name)["step"])
+    assert every <= killed_at < steps
+    released = ckpts.read_ledger(ckpts.latest().state.seq)
+    assert released is not None
+    # What the ledger released is marked and acked, except, when the kill fell between the
+    # ledger and its ack, the release in flight: still pending, listed in the ledger.
+    recorded = {r.group_id for r in ckpts.latest().state.records}
+    marked = [g.group_id for g, m in zip(groups, expected, strict=True)
+              if m.startswith("skipped") and redis_client.exists(keys.done(LEARN, g.group_id))
+              and g.group_id not in recorded]  # fmt: skip
+    in_flight = [r.group_id for r in released.records
+                 if not redis_client.exists(keys.done(LEARN, r.group_id))]  # fmt: skip
+    assert len(marked) + len(in_flight) == released.consumed > 0
+    queue.publish_many([(g, g.group_id) for g in groups[last_step_starts:]])
+    restarted = spawn_learner(
+        learner_env(redis_url, run_name, model_path, tmp_path, **settings),
+        tmp_path / "victim-2.log",
+    )
+    assert restarted.wait(timeout=150) == 0, (tmp_path / "victim-2.log").read_text()[-3000:]
+    assert "release ledger:" in (tmp_path / "victim-2.log").read_text()
+
+    fields = _fields(redis_client, run_name)
+    assert (fields["status"], fields["step"]) == ("finished", str(steps))
+    backlog = queue.backlog()
+    assert backlog.pending == 0 and backlog.lag == 0
+    markers = [redis_client.get(keys.done(LEARN, g.group_id)) for g in groups]
+    assert [m.decode() if m else None for m in markers] == expected
+    tally = redis_client.hvals(keys.tally(LEARN))
+    assert len(tally) == n and {int(t) for t in tally} == {1}  # each decided once, for good
+    counters = RunStore(redis_client, keys).counters()
+    assert counters["learner.groups_trained"] == b * steps
+    assert counters["learner.groups_skipped"] == n - b * steps
+    assert counters["learner.groups_consumed"] == n
+    final = ckpts.latest()
+    assert final.state.counters["groups_skipped"] == n - b * steps
+    assert final.state.consumed_total == n

@@ -133,3 +133,57 @@ def test_pushes_reach_receivers_bitwise_and_a_dead_one_does_not_hang_the_learner
                 proc.kill()
                 proc.wait(timeout=30)
         time.sleep(0)
+
+
+@pytest.mark.slow
+def test_an_idle_learner_pushes_its_weights_to_a_generator_that_joins(
+    redis_url, redis_client, run_name, keys, model_path, tmp_path
+):
+    """A restarted generator may need the current weights before it can generate the data the
+    learner waits for: the learner pushes to it without waiting for a step."""
+    out = tmp_path / "received"
+    out.mkdir()
+    stop = threading.Event()
+    settings = LearnerSettings(
+        redis_url=redis_url, run=run_name, model_path=model_path, data_dir=tmp_path,
+        batch_groups=2, total_steps=5, progress_bar=False, plot_every=0, block_ms=100,
+        weight_sync_backend="gloo", weight_sync_timeout_s=TIMEOUT_S, eval_every=0,
+    )  # fmt: skip
+    learner = Learner(
+        settings, DistContext(), client=connect(redis_url), stop_requested=stop.is_set
+    )
+    thread = threading.Thread(target=learner.run, daemon=True)
+    proc = None
+    try:
+        thread.start()  # step 0, no data: it waits (and has pushed nothing yet)
+        proc = spawn(
+            [
+                str(WORKER),
+                redis_url,
+                run_name,
+                "gen-new",
+                str(model_path),
+                str(out),
+                str(TIMEOUT_S),
+            ],
+            log=tmp_path / "gen-new.log",
+        )
+        assert wait_for(lambda: "gen-new" in read_members(redis_client, keys), 150, 0.1), (
+            tmp_path / "gen-new.log"
+        ).read_text()[-2000:]
+        joined = time.monotonic()
+        assert wait_for(lambda: served_versions(redis_client, keys).get("gen-new") == 0, 30)
+        assert time.monotonic() - joined < 15.0  # one idle check (1 s) and a push, with slack
+        announcement = read_announcement(redis_client, keys)
+        assert announcement is not None and announcement.rendezvous is not None
+        assert announcement.rendezvous.members == ["gen-new"]
+        assert redis_client.hget(keys.state, "step") == b"0"  # no step was needed
+        expected = {n: p.detach() for n, p in learner.model.named_parameters()}
+        _assert_same(out / "gen-new-v0.safetensors", expected)
+    finally:
+        stop.set()
+        thread.join(60)
+        learner.close()
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from services.verifier.config import GradeConfig
+from conspo.grading.config import GradeConfig
 from services.verifier.pool import GradingPool
 
 HERE = Path(__file__).resolve().parent

@@ -9,9 +9,9 @@ import ctypes
 import os
 import time
 
+from conspo.grading.config import GradeConfig
+from conspo.grading.verifiers import register
 from conspo.protocol import Label, Verdict
-from services.verifier.config import GradeConfig
-from services.verifier.verifiers import register
 
 
 @register("test-sleep-forever")

@@ -31,9 +31,9 @@ from pathlib import Path
 
 import pytest
 
+from conspo.grading.config import GradeItem
+from conspo.grading.extract import last_boxed
 from conspo.protocol import Verdict
-from services.verifier.config import GradeItem
-from services.verifier.extract import last_boxed
 from services.verifier.pool import GradingPool
 
 KNOWN_DISAGREEMENTS: dict[str, dict[int, str]] = {

@@ -13,8 +13,8 @@ import time
 
 import pytest
 
+from conspo.grading.config import GradeItem
 from conspo.protocol import Verdict
-from services.verifier.config import GradeItem
 from services.verifier.pool import GradingPool
 
 SLACK_S = 2.0

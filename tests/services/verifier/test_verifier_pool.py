@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from conspo.grading.config import GradeConfig, GradeItem
 from conspo.protocol import Verdict
-from services.verifier.config import GradeConfig, GradeItem
 from services.verifier.pool import GradingPool, PoolClosedError, PoolStartError
 
 HERE = Path(__file__).resolve().parent
@@ -258,7 +258,7 @@ def test_invalid_arguments(kwargs: dict) -> None:
 PARENT_SCRIPT = textwrap.dedent(
     """
     import signal, sys
-    from services.verifier.config import GradeItem
+    from conspo.grading.config import GradeItem
     from services.verifier.pool import GradingPool
 
     def main():

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from conspo.protocol import Label, Verdict
-from services.verifier.config import GradeConfig
-from services.verifier.grading import grade_one
-from services.verifier.pool import load_plugin
-from services.verifier.verifiers import (
+from conspo.grading.config import GradeConfig
+from conspo.grading.grade import grade_one
+from conspo.grading.verifiers import (
     UnknownVerifierError,
     get_verifier,
     known_verifiers,
     register,
     unregister,
 )
+from conspo.protocol import Label, Verdict
+from services.verifier.pool import load_plugin
 
 CONFIG = GradeConfig()
 
@@ -88,6 +88,7 @@ def test_verifiers_receive_sanitised_text() -> None:
 
 
 def test_plugin_by_path(tmp_path) -> None:
+    """A plugin written against the documented import path ``services.verifier.verifiers``."""
     plugin = tmp_path / "my_verifier.py"
     plugin.write_text(
         "from conspo.protocol import Label, Verdict\n"

@@ -186,3 +186,36 @@ def test_three_replicas_one_killed_every_group_labelled_exactly_once(redis_url, 
     assert redis_client.xlen(keys.dead) == 0
     beats = redis_client.hgetall(keys.heartbeats)
     assert len([k for k in beats if k.startswith(b"verifier:")]) == 3
+
+
+def test_the_replica_publishes_the_verifiers_it_offers_plugins_included(
+    redis_url, run_name, redis_client, keys, tmp_path
+):
+    import uuid
+
+    from conspo.protocol import Heartbeat
+    from conspo.serving import read_verifiers
+    from services.verifier.verifiers import unregister
+
+    name = f"test-plugin-{uuid.uuid4().hex[:8]}"
+    plugin = tmp_path / "my_verifier.py"
+    plugin.write_text(
+        "from services.verifier.verifiers import register\n\n\n"
+        f"@register({name!r})\n"
+        "def grade(completion, gold, config):\n"
+        "    raise NotImplementedError\n"
+    )
+    settings = load(
+        VerifierSettings, redis_url=redis_url, run=run_name, block_ms=50, plugins=[str(plugin)]
+    )
+    try:
+        with ServiceRuntime(settings, "verifier") as runtime:
+            w = VerifierWorker(runtime, settings, functools.partial(make_pool, settings))
+            runtime.request_stop()
+            w.run()  # publishes, then returns at once (asked to stop)
+            assert read_verifiers(redis_client, keys) == {"arith", "exact", "math", name}
+            runtime.beat()
+            raw = redis_client.hget(keys.heartbeats, f"verifier:{runtime.instance}")
+            assert name in str(decode(raw, Heartbeat).info["verifiers"]).split(",")
+    finally:
+        unregister(name)

@@ -38,11 +38,11 @@ from typing import Any
 
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
+from conspo.grading.config import GradeConfig
+from conspo.grading.extract import extract_answer
+from conspo.grading.labels import make_label
+from conspo.grading.verifiers.registry import register
 from conspo.protocol import Label, Verdict
-from services.verifier.config import GradeConfig
-from services.verifier.extract import extract_answer
-from services.verifier.labels import make_label
-from services.verifier.verifiers.registry import register
 
 logger = logging.getLogger(__name__)
 

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import re
 
+from conspo.grading.config import GradeConfig
+from conspo.grading.labels import make_label
+from conspo.grading.verifiers.registry import register
 from conspo.protocol import Label, Verdict
-from services.verifier.config import GradeConfig
-from services.verifier.labels import make_label
-from services.verifier.verifiers.registry import register
 
 _INTEGER = re.compile(r"[+-]?\d+")
 _GOLD = re.compile(r"\s*([+-]?\d+)\s*")

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from services.verifier.sanitize import sanitize
+from conspo.grading.sanitize import sanitize
 
 
 def test_invalid_utf8_bytes_become_replacement_characters() -> None:

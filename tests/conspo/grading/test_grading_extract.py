@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.verifier.config import DEFAULT_FALLBACK_PATTERNS
-from services.verifier.extract import extract_answer, fallback_answer, last_boxed, match_braces
-from services.verifier.sanitize import sanitize
+from conspo.grading.config import DEFAULT_FALLBACK_PATTERNS
+from conspo.grading.extract import extract_answer, fallback_answer, last_boxed, match_braces
+from conspo.grading.sanitize import sanitize
 
 
 @pytest.mark.parametrize(

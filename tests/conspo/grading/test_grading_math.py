@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
+from conspo.grading.config import GradeConfig
+from conspo.grading.grade import grade_one
 from conspo.protocol import Verdict
-from services.verifier.config import GradeConfig
-from services.verifier.grading import grade_one
 
 CONFIG = GradeConfig()
 
@@ -162,7 +162,7 @@ INTEGER_PAIRS = [
 def test_integer_fast_path_agrees_with_math_verify(gold: str, answer: str) -> None:
     from math_verify import verify
 
-    from services.verifier.verifiers.math_answer import (
+    from conspo.grading.verifiers.math_answer import (
         answers_match,
         parse_gold,
         parse_prediction,
@@ -176,6 +176,6 @@ def test_integer_fast_path_agrees_with_math_verify(gold: str, answer: str) -> No
 
 @pytest.mark.parametrize("text", ["1.5", "27.0", "1,23", "12,3456", "1 000", "x", "", "--5"])
 def test_integer_fast_path_declines_non_integers(text: str) -> None:
-    from services.verifier.verifiers.math_answer import plain_integer
+    from conspo.grading.verifiers.math_answer import plain_integer
 
     assert plain_integer(text) is None

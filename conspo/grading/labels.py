@@ -6,8 +6,8 @@ in one place (``GradeConfig``) and cannot drift between verifiers.
 
 from __future__ import annotations
 
+from conspo.grading.config import GradeConfig
 from conspo.protocol import Label, Verdict
-from services.verifier.config import GradeConfig
 
 # Label.extracted / Label.detail are capped at 1,000 characters by the protocol.
 _MAX_FIELD = 1_000

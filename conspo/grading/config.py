@@ -18,14 +18,20 @@ import re
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-# Fallbacks for completions without \boxed{}. Each pattern has exactly one capture group (the
-# answer). They are scanned in the sanitised tail; the match that *ends last* wins, in keeping
-# with "the last boxed answer". Every quantifier that can repeat is bounded or anchored on a
-# literal phrase, so a pattern costs O(len(text) * 200) at worst (no nested quantifiers).
+# Fallbacks for completions without \boxed{}: the answer lines of the benchmarks in
+# ../shared/data/math (tests/conspo/grading/test_grading_conventions.py grades each one's own):
+# "Final Answer: The final answer is X. I hope it is correct." (Minerva, Hendrycks MATH few-shot),
+# "So the final answer is X" (OlympiadBench), "The answer is X." (GSM8K chain-of-thought
+# few-shot, AIME/AMC write-ups), "Answer: X", and GSM8K's reference line "#### X".
+# Each pattern has exactly one capture group (the answer). They are scanned in the sanitised
+# tail; the match that *ends last* wins, in keeping with "the last boxed answer". Every
+# quantifier that can repeat is bounded or anchored on a literal phrase, so a pattern costs
+# O(len(text) * 200) at worst (no nested quantifiers).
 DEFAULT_FALLBACK_PATTERNS: tuple[str, ...] = (
     r"(?i)final answer\s{0,5}(?:is|:)\s{0,5}:?[ \t]{0,5}([^\n]{1,200})",
     r"(?i)\bthe answer is\s{0,5}:?[ \t]{0,5}([^\n]{1,200})",
     r"(?i)(?:^|\n)[ \t*]{0,5}answer\s{0,3}:[ \t*]{0,5}([^\n]{1,200})",
+    r"(?:^|\n)[ \t]{0,5}####[ \t]{0,5}([^\n]{1,200})",
 )
 
 

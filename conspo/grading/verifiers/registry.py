@@ -1,7 +1,7 @@
 """Name -> verifier function, filled by ``@register("name")`` at import time.
 
 A verifier is a pure function ``(completion: str, gold: str, config: GradeConfig) -> Label``.
-It receives the *sanitised* completion (see ``services.verifier.sanitize``) and returns
+It receives the *sanitised* completion (see ``conspo.grading.sanitize``) and returns
 ``correct``, ``wrong``, ``no_answer`` or ``error``; ``timeout`` is the pool's verdict, never a
 verifier's. A verifier may raise: the grading wrapper turns any exception into ``error``.
 
@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from conspo.protocol import Label
 
 if TYPE_CHECKING:
-    from services.verifier.config import GradeConfig
+    from conspo.grading.config import GradeConfig
 
 Verifier = Callable[[str, str, "GradeConfig"], Label]
 

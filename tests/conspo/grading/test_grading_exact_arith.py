@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from conspo.grading.config import GradeConfig
+from conspo.grading.grade import grade_one
+from conspo.grading.verifiers.arith import canonical
 from conspo.protocol import Verdict
-from services.verifier.config import GradeConfig
-from services.verifier.grading import grade_one
-from services.verifier.verifiers.arith import canonical
 
 CONFIG = GradeConfig()
 

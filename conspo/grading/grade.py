@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import logging
 
+from conspo.grading.config import GradeConfig
+from conspo.grading.labels import make_label
+from conspo.grading.sanitize import sanitize
+from conspo.grading.verifiers import UnknownVerifierError, get_verifier
 from conspo.protocol import Label, Verdict
-from services.verifier.config import GradeConfig
-from services.verifier.labels import make_label
-from services.verifier.sanitize import sanitize
-from services.verifier.verifiers import UnknownVerifierError, get_verifier
 
 logger = logging.getLogger(__name__)
 
