@@ -8,7 +8,7 @@ the project's own docker-compose.yml, end to end:
 2. write the arithmetic task's training split into a host folder mounted as DATASET_DIR and
    submit it by server-side path through the REST API; wait for N learner steps;
 3. ``--scale verifier=3``, SIGKILL one verifier while it holds unacknowledged rollouts, and time
-   until the other replicas have reclaimed them (the visibility timeout);
+   until each of them is with a live replica or acknowledged;
 4. SIGKILL the learner's process inside its container (``docker kill`` would cancel the restart
    policy): tini exits 137, ``restart: on-failure`` starts the container again and the learner
    resumes from its last checkpoint; time the restart and the first step after it;
@@ -54,6 +54,7 @@ import httpx
 import yaml
 
 from conspo.keys import STREAM_GROUPS, Keys
+from conspo.queue import RELEASED
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = REPO / "docker-compose.yml"
@@ -205,22 +206,20 @@ class Compose:
                     records.append(record)
         return records
 
-    def pending_by_consumer(self, stream_key: str, group: str) -> dict[str, int]:
+    def pending(self, stream_key: str, group: str) -> dict[str, str]:
+        """Every unacknowledged entry of ``group`` on the stream -> the consumer holding it."""
         script = 'REDISCLI_AUTH="$CONSPO_REDIS_PASSWORD" exec redis-cli "$@"'
-        out = self("exec", "-T", "redis", "sh", "-c", script, "sh", "XPENDING", stream_key, group)
-        return parse_xpending_summary(out)
+        argv = ("XPENDING", stream_key, group, "-", "+", "100000")
+        return parse_xpending(self("exec", "-T", "redis", "sh", "-c", script, "sh", *argv))
 
 
-def parse_xpending_summary(text: str) -> dict[str, int]:
-    """``redis-cli XPENDING <key> <group>`` as printed without a TTY: the total, the lowest and
-    highest pending id, then one consumer and its count per pair of lines."""
+def parse_xpending(text: str) -> dict[str, str]:
+    """``redis-cli XPENDING <key> <group> - + <count>`` as printed without a TTY: four lines per
+    entry (id, consumer, idle ms, deliveries), nothing when none is pending."""
     lines = [line.strip() for line in text.strip().splitlines()]
-    if not lines or not lines[0].isdigit():
+    if len(lines) % 4 or any(not re.fullmatch(r"\d+-\d+", i) for i in lines[::4]):
         raise CheckFailedError(f"unexpected XPENDING reply: {text[:200]!r}")
-    if int(lines[0]) == 0:
-        return {}
-    pairs = lines[3:]
-    return {pairs[i]: int(pairs[i + 1]) for i in range(0, len(pairs) - 1, 2)}
+    return {lines[i]: lines[i + 1] for i in range(0, len(lines), 4)}
 
 
 def services_to_build(model: dict[str, Any]) -> list[str]:
@@ -341,9 +340,9 @@ class Check:
                 f"--scale verifier={VERIFIERS} did not give {VERIFIERS} containers"
             )
 
-    def kill_a_busy_verifier(self, stream_key: str, group: str) -> tuple[str, float]:
-        """SIGKILL a verifier that holds unacknowledged rollouts; returns (its consumer-name
-        prefix, the kill's time).
+    def kill_a_busy_verifier(self, stream_key: str, group: str) -> tuple[dict[str, str], float]:
+        """SIGKILL a verifier that holds unacknowledged rollouts; returns (the entries it held ->
+        its consumer name, the kill's time).
 
         A verifier grades a group in milliseconds, so at a random instant it usually holds
         nothing. With every replica paused, rollouts pile up; one replica unpaused for a moment
@@ -365,13 +364,13 @@ class Check:
                 self.compose.docker("unpause", victim)
                 time.sleep(0.2)
                 self.compose.docker("pause", victim)
-                held = self.compose.pending_by_consumer(stream_key, group)
-                held_by_victim = sum(n for c, n in held.items() if c.startswith(prefix))
-                if held_by_victim:
+                pending = self.compose.pending(stream_key, group)
+                held = {e: owner for e, owner in pending.items() if owner.startswith(prefix)}
+                if held:
                     self.compose.docker("kill", victim)
                     killed, at = True, time.time()
-                    self.figures["verifier_entries_held"] = held_by_victim
-                    return prefix, at
+                    self.figures["verifier_entries_held"] = len(held)
+                    return held, at
             finally:
                 for c in ids:
                     if not (killed and c == victim):
@@ -381,11 +380,14 @@ class Check:
             time.sleep(1.0)
         raise CheckFailedError("no verifier held an unacknowledged rollout to be killed with")
 
-    def reclaim(self, stream_key: str, group: str, prefix: str, killed_at: float) -> None:
+    def reclaim(self, stream_key: str, group: str, held: dict[str, str], killed_at: float) -> None:
+        """Until every entry the killed verifier held is with another replica or acknowledged
+        (not with the dead consumer, nor handed back and still waiting for a reader)."""
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
-            held = self.compose.pending_by_consumer(stream_key, group)
-            if not any(c.startswith(prefix) for c in held):
+            pending = self.compose.pending(stream_key, group)
+            waiting = [e for e, dead in held.items() if pending.get(e) in (dead, RELEASED)]
+            if not waiting:
                 self.figures["reclaim_s"] = round(time.time() - killed_at, 1)
                 return
             time.sleep(1.0)
@@ -458,7 +460,7 @@ FIGURES = [
     ("first_step_s", "dataset submitted -> first learner step", "s"),
     ("scale_s", f"--scale verifier={VERIFIERS} until healthy", "s"),
     ("verifier_entries_held", "rollouts held by the killed verifier", ""),
-    ("reclaim_s", "verifier killed -> its rollouts reclaimed", "s"),
+    ("reclaim_s", "verifier killed -> rollouts with a live one", "s"),
     ("learner_killed_at_step", "learner killed at step", ""),
     ("learner_restart_s", "learner killed -> container restarted", "s"),
     ("learner_resumed_s", "learner killed -> checkpoint loaded", "s"),
@@ -536,8 +538,8 @@ def check(args: argparse.Namespace, workdir: Path, figures: dict[str, Any]) -> d
     run_name = scenario.api.status()["run"]
     stream_key, group = Keys(run=run_name).stream("rollouts"), STREAM_GROUPS["rollouts"]
     say("killing a verifier that holds rollouts")
-    prefix, killed_at = scenario.kill_a_busy_verifier(stream_key, group)
-    scenario.reclaim(stream_key, group, prefix, killed_at)
+    held, killed_at = scenario.kill_a_busy_verifier(stream_key, group)
+    scenario.reclaim(stream_key, group, held, killed_at)
     say("killing the learner's process")
     scenario.kill_learner()
     say("stopping the pipeline and reading the books")
