@@ -65,3 +65,9 @@ bench-smoke: $(BIN)/.installed
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache .ruff_cache bench/results
+
+# `docker compose` end to end on the cpu profile: build, up, dataset through the api, scale and
+# kill verifiers, kill the learner, books lost 0 / duplicated 0 (needs Docker + Compose v2).
+.PHONY: compose-check
+compose-check: $(BIN)/.installed
+	$(BIN)/python deploy/compose_check.py $(COMPOSE_CHECK_ARGS)

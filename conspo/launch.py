@@ -4,13 +4,8 @@ The embedded demo, the end-to-end and chaos tests and the pipeline benchmarks al
 thing: start every service as a real subprocess (``python -m conspo.cli <service>``) with its
 settings in environment variables, exactly as a container would, then watch the run through the
 REST API and Redis. ``LocalStack`` is that, and nothing more: it owns process lifecycles, log
-files and the final accounting of where every submitted prompt ended up.
-
-Accounting reads the idempotency markers (``conspo.lineage``), not counters, because markers are
-written once per item even when a stage is killed and redone, while counters may count a replayed
-step twice. Every submitted prompt is either generated, still queued, or dead-lettered; every
-generated group is labelled, queued or dead; every labelled group is trained, skipped, dropped,
-queued or dead. What is left over is *lost* and must be zero.
+files and the final accounting of where every submitted prompt ended up (``conspo.accounting``:
+idempotency markers, not counters).
 """
 
 from __future__ import annotations
@@ -23,7 +18,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -32,10 +26,8 @@ import httpx
 import redis
 from pydantic import BaseModel, ConfigDict, Field
 
+from conspo.accounting import accounting
 from conspo.keys import Keys
-from conspo.lineage import GENERATE, LEARN, VERIFY, parse_learn_marker
-from conspo.protocol import DeadLetter, DecodeError, Prompt, decode
-from conspo.queue import StreamQueue
 from conspo.redis_conn import free_port
 from conspo.testing import delete_run
 
@@ -352,48 +344,8 @@ class LocalStack:
 
     # -- where every prompt went -----------------------------------------------------------------
     def accounting(self) -> dict[str, int]:
-        """Counts per fate, from idempotency markers and stream state; ``lost`` must be 0."""
-        c = self.client
-        learn = Counter()
-        for key in c.scan_iter(match=self.keys.done(LEARN, "*"), count=1000):
-            value = c.get(key)
-            if value is not None:
-                learn[parse_learn_marker(value.decode())[0]] += 1
-        generated = sum(1 for _ in c.scan_iter(match=self.keys.done(GENERATE, "*"), count=1000))
-        labelled = sum(1 for _ in c.scan_iter(match=self.keys.done(VERIFY, "*"), count=1000))
-        dead = Counter()
-        for _, fields in c.xrange(self.keys.dead):
-            try:
-                dead[decode(fields[b"d"], DeadLetter).source] += 1
-            except DecodeError:
-                dead["undecodable"] += 1
-        queued = {}
-        for name in ("prompts", "rollouts", "labeled"):
-            if c.exists(self.keys.stream(name)):
-                queued[name] = StreamQueue(c, self.keys, name, Prompt).backlog().outstanding
-            else:
-                queued[name] = 0
-        counters = {k.decode(): int(v) for k, v in c.hgetall(self.keys.counters).items()}
-        submitted = counters.get("api.prompts_accepted", 0) + counters.get("api.prompts_fed", 0)
-        out = {
-            "submitted": submitted,
-            "generated": generated,
-            "labelled": labelled,
-            "trained": learn["trained"],
-            "skipped": learn["skipped"],
-            "dropped": learn["dropped"],
-            "dead": sum(dead.values()),
-            "queued_prompts": queued["prompts"],
-            "queued_rollouts": queued["rollouts"],
-            "queued_labeled": queued["labeled"],
-        }
-        out["lost"] = (
-            (submitted - generated - dead["prompts"] - queued["prompts"])
-            + (generated - labelled - dead["rollouts"] - queued["rollouts"])
-            + (labelled - sum(learn.values()) - dead["labeled"] - queued["labeled"])
-        )
-        out["duplicated"] = sum(int(n) > 1 for n in c.hvals(self.keys.tally(LEARN)))
-        return out
+        """Counts per fate (``conspo.accounting``); ``lost`` and ``duplicated`` must be 0."""
+        return accounting(self.client, self.keys)
 
 
 def tail(path: Path, lines: int = 30) -> str:

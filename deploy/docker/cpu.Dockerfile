@@ -1,5 +1,3 @@
-# syntax=docker/dockerfile:1
-#
 # Slim CPU image: the api, the verifiers, and the whole `cpu` compose profile (hf generator with
 # the bundled tiny model, learner with gloo weight sync).
 #
@@ -32,10 +30,17 @@ ENV PATH=/opt/venv/bin:$PATH
 # torch first and on its own: the largest layer, reused while only the project changes.
 RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
 
-# The constraint makes resolving the project fail rather than swap in a CUDA torch from PyPI.
-COPY . /src
+# Then the project's dependencies, read from pyproject.toml alone, so that a change to the
+# sources (every commit `make compose-check` builds) reinstalls conspo and nothing else. The
+# constraint makes resolving fail rather than swap in a CUDA torch from PyPI.
+COPY pyproject.toml /src/pyproject.toml
 RUN echo "torch==${TORCH_VERSION}+cpu" > /tmp/constraints.txt \
- && pip install --constraint /tmp/constraints.txt /src \
+ && python -c "import tomllib; f = open('/src/pyproject.toml', 'rb'); \
+print('\n'.join(tomllib.load(f)['project']['dependencies']))" > /tmp/requirements.txt \
+ && pip install --constraint /tmp/constraints.txt --requirement /tmp/requirements.txt
+
+COPY . /src
+RUN pip install --no-deps --constraint /tmp/constraints.txt /src \
  && pip check \
  && conspo --help > /dev/null
 

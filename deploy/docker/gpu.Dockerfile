@@ -1,5 +1,3 @@
-# syntax=docker/dockerfile:1
-#
 # GPU image: the vLLM generator and the learner (one GPU, or torchrun + FSDP2 across GPUs/nodes).
 #
 #   docker build -f deploy/docker/gpu.Dockerfile -t conspo-gpu:0.1.0 .

@@ -27,8 +27,8 @@ from services.api.datasets.feeder import DatasetFeeder
 from services.api.limits import BodyLimitMiddleware
 from services.api.metrics import ApiMetrics, MetricsMiddleware
 from services.api.redact import register_secret
+from services.api.routes import accounting, dead, health, lineage, prompts, status
 from services.api.routes import datasets as dataset_routes
-from services.api.routes import dead, health, lineage, prompts, status
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ def create_app(
     app.state.feeder = feeder
     errors.install(app)
 
-    for module in (prompts, dataset_routes, status, lineage, dead, health):
+    for module in (prompts, dataset_routes, status, accounting, lineage, dead, health):
         app.include_router(module.router)
 
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)

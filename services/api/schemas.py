@@ -307,6 +307,24 @@ class RunStatus(BaseModel):
     generated_at: float
 
 
+class Accounting(BaseModel):
+    """Where every submitted prompt went (``conspo.accounting``): exact while the pipeline is
+    stopped; while it runs, an item moving between two reads can show as lost for an instant."""
+
+    submitted: int = Field(ge=0, description="Prompts accepted by POST /v1/prompts or fed.")
+    generated: int = Field(ge=0, description="Prompts with a committed rollout group.")
+    labelled: int = Field(ge=0, description="Groups with committed labels.")
+    trained: int = Field(ge=0)
+    skipped: int = Field(ge=0, description="Uninformative groups (all rewards equal).")
+    dropped: int = Field(ge=0, description="Groups too stale to train on.")
+    dead: int = Field(ge=0, description="Entries in the dead stream.")
+    queued_prompts: int = Field(ge=0)
+    queued_rollouts: int = Field(ge=0)
+    queued_labeled: int = Field(ge=0)
+    lost: int = Field(description="Submitted but in no state above: must be 0.")
+    duplicated: int = Field(ge=0, description="Groups trained more than once: must be 0.")
+
+
 # -- lineage and dead letters ---------------------------------------------------------------------
 class CompletionView(BaseModel):
     index: int

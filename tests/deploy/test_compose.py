@@ -248,7 +248,7 @@ def test_service_environment_validates_as_its_settings(kit, compose, clean_consp
         assert (settings.model_path is None) == service.endswith("-cpu")
 
 
-def test_cpu_profile_needs_no_container_paths_but_the_data_dir(kit, compose):
+def test_cpu_profile_needs_no_container_paths_but_its_mounts(kit, compose):
     for name, svc in kit.active_services(compose, "cpu").items():
         if name == "redis":
             continue
@@ -256,7 +256,41 @@ def test_cpu_profile_needs_no_container_paths_but_the_data_dir(kit, compose):
             if key == "CONSPO_DATA_DIR":
                 assert value == "/data"
                 continue
+            if key == "CONSPO_DATASET_ROOTS":  # the host data folder, see the test below
+                continue
             assert "/" not in value or value.startswith("redis://"), f"{name}: {key}={value}"
+
+
+@pytest.mark.parametrize("service", ["api", "api-cpu"])
+def test_each_api_reads_server_side_datasets_from_the_host_data_folder(kit, compose, service):
+    svc = compose["services"][service]
+    roots = json.loads(kit.env_mapping(svc["environment"])["CONSPO_DATASET_ROOTS"])
+    mounts = {}
+    for volume in svc["volumes"]:
+        source, target, *mode = volume.split(":")
+        mounts[target] = (source, mode)
+    for root in roots:
+        assert root in mounts, f"{service}: dataset root {root} is not mounted"
+        source, mode = mounts[root]
+        assert source == kit.parse_env_file(kit.ENV_EXAMPLE)["DATASET_DIR"], "DATASET_DIR"
+        assert mode == ["ro"], f"{service}: mount {root} read-only"
+
+
+def test_cpu_stack_needs_no_variable_that_only_gpu_services_read(kit, compose_raw, compose_env):
+    gpu_only = {n: s for n, s in compose_raw["services"].items() if s.get("profiles") == ["gpu"]}
+    others = {n: s for n, s in compose_raw["services"].items() if n not in gpu_only}
+    only_gpu = kit.referenced_vars(gpu_only) - kit.referenced_vars(others)
+    assert "CONSPO_MODEL_PATH" in only_gpu
+    env = {k: v for k, v in compose_env.items() if k not in only_gpu}
+    # Compose interpolates the whole file whatever the profile: this must not raise.
+    doc = kit.interpolate(compose_raw, env)
+    assert "CONSPO_MODEL_PATH" not in doc["services"]["generator-cpu"]["environment"]
+
+
+def test_a_first_docker_compose_up_starts_the_stack_that_runs_anywhere(env_example):
+    # `cp .env.example .env && docker compose up` must not pick the GPU stack on a machine
+    # without NVIDIA GPUs; GPU users set COMPOSE_PROFILES=gpu (docs/deploy.md).
+    assert env_example["COMPOSE_PROFILES"] == "cpu"
 
 
 def test_cpu_profile_runs_as_local_processes(kit, compose_processes, clean_conspo_env, tmp_path):
@@ -306,12 +340,14 @@ def filled_env_file(kit, tmp_path):
     return env_file
 
 
+CPU_STACK = {"redis", "api-cpu", "generator-cpu", "verifier", "learner-cpu"}
+GPU_STACK = {"redis", "api", "generator", "verifier", "learner"}
+
+
 @pytest.mark.parametrize(
     ("args", "expected"),
-    [
-        ([], {"redis", "api", "generator", "verifier", "learner"}),
-        (["--profile", "cpu"], {"redis", "api-cpu", "generator-cpu", "verifier", "learner-cpu"}),
-    ],
+    [([], CPU_STACK), (["--profile", "cpu"], CPU_STACK), (["--profile", "gpu"], GPU_STACK)],
+    ids=["env-example-default", "profile-cpu", "profile-gpu-stack"],
 )
 def test_docker_compose_loads_each_stack(kit, compose_binary, filled_env_file, args, expected):
     proc = _compose_cli(kit, compose_binary, filled_env_file, *args, "config", "--services")
@@ -319,8 +355,22 @@ def test_docker_compose_loads_each_stack(kit, compose_binary, filled_env_file, a
     assert set(proc.stdout.split()) == expected
 
 
+def test_docker_compose_loads_the_cpu_stack_without_a_model_path(kit, compose_binary, tmp_path):
+    env_file = tmp_path / "cfg" / "cpu.env"
+    env_file.parent.mkdir()
+    lines = [f"{k}={v}" for k, v in kit.SECRETS.items()] + ["COMPOSE_PROFILES=cpu"]
+    env_file.write_text("\n".join(lines) + "\n")
+    proc = _compose_cli(kit, compose_binary, env_file, "config", "--format", "json")
+    assert proc.returncode == 0, proc.stderr
+    model = json.loads(proc.stdout)
+    assert set(model["services"]) == CPU_STACK
+    api = model["services"]["api-cpu"]
+    assert any(v["target"] == "/datasets" and v.get("read_only") for v in api["volumes"])
+
+
 def test_docker_compose_resolves_the_model_it_would_run(compose_binary, filled_env_file, kit):
-    proc = _compose_cli(kit, compose_binary, filled_env_file, "config", "--format", "json")
+    args = ("--profile", "gpu", "config", "--format", "json")
+    proc = _compose_cli(kit, compose_binary, filled_env_file, *args)
     assert proc.returncode == 0, proc.stderr
     model = json.loads(proc.stdout)
     verifier = model["services"]["verifier"]

@@ -79,8 +79,8 @@ def test_cpu_profile_and_dev_overlay_configure_each_service_alike(kit, compose, 
     k8s = _k8s_settings(kit, K8S / "overlays" / "dev" / "conspo.toml", role)
     service = role if role == "verifier" else f"{role}-cpu"
     local = _compose_settings(kit, compose, service)
-    # The dev overlay mounts a dataset claim (base does) and runs smaller verifiers.
-    allowed = TOPOLOGY | {"CONSPO_DATASET_ROOTS", "CONSPO_PROCESSES"}
+    # The dev overlay runs smaller verifiers.
+    allowed = TOPOLOGY | {"CONSPO_PROCESSES"}
     assert set(k8s) ^ set(local) <= allowed, f"{role}: set in only one of them"
     differing = {k: (local[k], k8s[k]) for k in set(local) & set(k8s) if local[k] != k8s[k]}
     assert set(differing) <= allowed, f"{role}: compose vs dev overlay {differing}"

@@ -1,9 +1,10 @@
 """The compose `cpu` profile, run outside containers with the exact commands and environment.
 
-Docker is not available here, so this is the closest check that `docker compose --profile cpu
-up` would train: every conspo service of the profile is started as a process with the command
-and environment the compose file gives it (Redis URL, data directory and ports adapted to the
-host), against a real password-protected Redis, and one learner step must complete.
+`make test` has no Docker engine (`make compose-check` runs the containers where one is), so
+this is the closest check there that `docker compose --profile cpu up` would train: every conspo
+service of the profile is started as a process with the command and environment the compose
+file gives it (Redis URL, data directory and ports adapted to the host), against a real
+password-protected Redis, and one learner step must complete.
 """
 
 from __future__ import annotations

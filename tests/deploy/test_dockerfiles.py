@@ -82,6 +82,17 @@ def _pin(requirements: list[str], name: str) -> str:
 
 
 @pytest.mark.parametrize("kind", sorted(DOCKERFILES), ids=IDS)
+def test_builds_need_no_frontend_image(kind):
+    # A `# syntax=` parser directive makes BuildKit pull that frontend image from a registry
+    # before the first step: offline (or behind a registry mirror) the build fails at once.
+    # The daemon's built-in frontend handles everything these files use.
+    for line in DOCKERFILES[kind].read_text().splitlines():
+        if not re.match(r"#\s*\w+\s*=", line):
+            break  # directives are only valid above the first other line
+        assert not re.match(r"#\s*syntax\s*=", line, re.IGNORECASE), line
+
+
+@pytest.mark.parametrize("kind", sorted(DOCKERFILES), ids=IDS)
 def test_base_images_are_pinned(kind):
     path = DOCKERFILES[kind]
     args = global_args(path)
@@ -112,9 +123,22 @@ def test_cpu_image_installs_the_pinned_cpu_torch_first(pyproject):
     assert expand(stages(path)[0][0][1], args).startswith("python:3.11")
     runs = [r for w, r in build if w == "RUN"]
     torch_at = next(i for i, r in enumerate(runs) if "torch==" in r and "--index-url" in r)
-    project_at = next(i for i, r in enumerate(runs) if "/src" in r and "pip install" in r)
-    assert torch_at < project_at
-    assert "+cpu" in runs[project_at], "a constraint keeps the CPU torch in place"
+    deps_at = next(i for i, r in enumerate(runs) if "--requirement" in r)
+    project_at = next(i for i, r in enumerate(runs) if r.startswith("pip install") and "/src" in r)
+    assert torch_at < deps_at < project_at
+    assert "+cpu" in runs[deps_at], "a constraint keeps the CPU torch in place"
+    assert "pyproject.toml" in runs[deps_at] and "--no-deps" in runs[project_at]
+    assert "pip check" in runs[project_at]
+
+
+def test_cpu_image_installs_dependencies_before_the_sources_arrive():
+    # Layer cache: a change to the code must not invalidate the dependency layer (minutes).
+    build = stages(DOCKERFILES["cpu"])[0]
+    copies = [(i, r) for i, (w, r) in enumerate(build) if w == "COPY"]
+    deps_at = next(i for i, (w, r) in enumerate(build) if w == "RUN" and "--requirement" in r)
+    before = [r.split()[0] for i, r in copies if i < deps_at]
+    assert before == ["pyproject.toml"], f"only pyproject.toml before the dependencies: {before}"
+    assert any(r.startswith(". ") for i, r in copies if i > deps_at)
 
 
 def test_gpu_image_is_the_vllm_release_that_the_extra_pins(pyproject):

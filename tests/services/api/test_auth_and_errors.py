@@ -12,6 +12,7 @@ from conspo.settings import ApiSettings, SettingsError, load
 V1_ROUTES = [
     ("GET", "/v1/status"),
     ("GET", "/v1/runs/current"),
+    ("GET", "/v1/accounting"),
     ("GET", "/v1/dead"),
     ("GET", "/v1/datasets"),
     ("GET", "/v1/datasets/some-id"),
@@ -179,6 +180,7 @@ def test_openapi_schema_declares_bearer_auth_and_error_bodies(shared_api):
     assert "202" in post["responses"]
     datasets = schema["paths"]["/v1/datasets"]["post"]["requestBody"]["content"]
     assert {"application/json", "multipart/form-data", "application/x-ndjson"} <= set(datasets)
-    for path in ("/v1/status", "/v1/runs/current", "/v1/rollouts/{group_id}", "/v1/dead"):
+    for path in ("/v1/status", "/v1/runs/current", "/v1/accounting", "/v1/rollouts/{group_id}",
+                 "/v1/dead"):  # fmt: skip
         assert "$ref" in str(schema["paths"][path]["get"]["responses"]["200"])
     assert "security" not in schema["paths"]["/healthz"]["get"]
