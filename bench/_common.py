@@ -109,13 +109,13 @@ def result_paths(json_arg: str | Path | None, name: str) -> tuple[Path, Path]:
     return target, target.with_suffix(".png")
 
 
-def model_path(arg: str | Path | None) -> Path:
-    """``--model`` or the bundled warm-started checkpoint (``conspo.models.default_checkpoint``).
+def model_path(arg: str | Path | None, task: str | None = None) -> Path:
+    """``--model`` or the task's bundled warm-started checkpoint (default: ``arith``'s).
 
     Exits with a clear message when the folder holds no checkpoint."""
     from conspo.models import default_checkpoint
 
-    path = Path(arg) if arg else Path(default_checkpoint())
+    path = Path(arg) if arg else Path(default_checkpoint(task))
     if not (path / "config.json").is_file():
         raise SystemExit(
             f"no model checkpoint at {path}: pass --model PATH (a from_pretrained directory, "
@@ -128,29 +128,29 @@ def model_path(arg: str | Path | None) -> Path:
 RL_KEYS = ("lr", "group_size", "batch_groups", "temperature", "max_tokens")
 
 
-def rl_fallback() -> dict[str, Any]:
-    """The demo's RL settings (``conspo.demo.DEFAULTS``; temperature and completion budget as
-    ``conspo.launch.StackConfig``), read at run time so the benchmarks follow the demo."""
-    from conspo.demo import DEFAULTS
-    from conspo.launch import StackConfig
+def rl_fallback(task: str | None = None) -> dict[str, Any]:
+    """A bundled task's RL settings (``conspo.tasks.registry``: what the demo runs with), read
+    at run time so the benchmarks follow the demo."""
+    from conspo.tasks.registry import get_task
 
-    fields = StackConfig.model_fields
+    spec = get_task(task)
     return {
-        "lr": float(DEFAULTS["lr"]),
-        "group_size": int(DEFAULTS["group_size"]),
-        "batch_groups": int(DEFAULTS["batch_groups"]),
-        "temperature": float(fields["temperature"].default),
-        "max_tokens": int(fields["max_tokens"].default),
+        "lr": spec.rl.lr,
+        "group_size": spec.rl.group_size,
+        "batch_groups": spec.rl.batch_groups,
+        "temperature": spec.rl.temperature,
+        "max_tokens": spec.max_tokens,
     }
 
 
-def rl_hyperparameters(model: Path) -> tuple[dict[str, Any], str]:
+def rl_hyperparameters(model: Path, task: str | None = None) -> tuple[dict[str, Any], str]:
     """RL hyper-parameters for ``model``: ``recipe.json``'s ``rl`` table (of the model, else of
-    the bundled checkpoint) over the demo's; returns them and where they came from."""
-    from conspo.models import default_checkpoint
+    the task's bundled checkpoint) over the task's; returns them and where they came from."""
+    from conspo.tasks.registry import get_task
 
-    fallback = rl_fallback()
-    for folder in (Path(model), Path(default_checkpoint())):
+    spec = get_task(task)
+    fallback = rl_fallback(spec.name)
+    for folder in (Path(model), spec.checkpoint):
         recipe = folder / "recipe.json"
         if not recipe.is_file():
             continue
@@ -161,7 +161,7 @@ def rl_hyperparameters(model: Path) -> tuple[dict[str, Any], str]:
         if isinstance(rl, dict) and rl:
             known = {k: rl[k] for k in RL_KEYS if k in rl}
             return {**fallback, **known}, f"{recipe} (rl)"
-    return fallback, "conspo.demo DEFAULTS (no rl table in recipe.json)"
+    return fallback, f"conspo.tasks.registry ({spec.name}; no rl table in recipe.json)"
 
 
 def mean_std(xs: list[float]) -> tuple[float, float]:

@@ -1,9 +1,10 @@
 """``conspo demo``: the embedded default, one command on a machine with no GPU and no Docker.
 
-It is ``conspo train`` (``conspo.train``) with the task's bits filled in by ``demo_task``: the
-bundled warm-started tiny arithmetic model (or the warm start redone with ``--fresh``), the
-task's training split as inline rows, the ``arith`` verifier, an 8-token budget and the
-held-out ``arith`` set. Like train, it uses the Redis at ``$CONSPO_REDIS_URL`` / 127.0.0.1:6379
+It is ``conspo train`` (``conspo.train``) with a bundled task's bits filled in by ``demo_task``
+from the task registry (``--task``, default ``arith``; ``conspo.tasks.registry`` holds everything
+task-specific): the task's warm-started tiny model (or the warm start redone with ``--fresh``),
+its training split as inline rows, its verifier, generation budget and RL settings, and its
+held-out set. Like train, it uses the Redis at ``$CONSPO_REDIS_URL`` / 127.0.0.1:6379
 if one answers (else starts a private ``redis-server``), spawns every service as a subprocess,
 submits the rows through the REST API, shows live progress and ends with held-out greedy
 accuracy before and after, the fate of every submitted prompt, and the path of the
@@ -22,61 +23,66 @@ import sys
 from typing import Any
 
 from conspo.logs import setup as setup_logging
+from conspo.tasks.registry import DEFAULT_TASK, get_task
 from conspo.train import print_results, run_training
 from conspo.train_config import resolve
 
-# Tuned on a 2-core CPU (docs/benchmarks.md): enough steps for a +15-point gain, under 10 min.
+# What is not task-specific; the task's ``rl`` table holds the steps, batch, lr and evaluation
+# (tuned on a 2-core CPU: docs/benchmarks.md).
 DEFAULTS: dict[str, Any] = {
-    "steps": 200,
     "objective": "conspo",
     "verifiers": 2,
     "seed": 0,
     "max_staleness": 1,
-    "batch_groups": 32,
-    "group_size": 8,
-    "lr": 1e-4,
-    "temperature": 1.0,
-    "eval_every": 25,
-    "eval_samples": 500,
     "checkpoint_every": 10,
 }
 
 
-def training_rows() -> list[dict[str, str]]:
+def training_rows(task: str | None = None) -> list[dict[str, str]]:
     """The task's canonical training split: disjoint from the learner's held-out problems.
 
     The demo's seed does not pick the problems (that could leak held-out ones into training);
     it shuffles the order in which the api feeds them.
     """
-    from conspo.tasks.arith import DEFAULT_N_TEST, DEFAULT_SPLIT_SEED, make_split
-
-    split = make_split(n_train=None, n_test=DEFAULT_N_TEST, seed=DEFAULT_SPLIT_SEED)
-    return [{"prompt": p.prompt, "answer": p.answer} for p in split.train]
+    return get_task(task).training_rows()
 
 
-def demo_task(fresh: bool = False) -> dict[str, Any]:
-    """Everything task-specific about the demo, as ``conspo train`` knobs: the bundled model,
-    the training rows, the verifier, the token budget and the held-out set."""
+def demo_task(fresh: bool = False, task: str | None = None) -> dict[str, Any]:
+    """Everything task-specific about the demo, as ``conspo train`` knobs, from the task
+    registry: the bundled model, the training rows, the verifier, the token budget, the RL
+    settings and the held-out set."""
     from conspo.models import ensure_checkpoint
 
+    spec = get_task(task)
     return {
-        "model": ensure_checkpoint(None, fresh=fresh),
-        "rows": training_rows(),
-        "dataset_name": "arith-train",
+        "model": ensure_checkpoint(None, fresh=fresh, task=spec.name),
+        "rows": spec.training_rows(),
+        "dataset_name": f"{spec.name}-train",
         "epochs": 10,
-        "verifier": "arith",
-        "max_tokens": 8,
+        "verifier": spec.verifier,
+        "max_tokens": spec.max_tokens,
+        # The bare problem text, as the warm start saw it: no chat turn, and no math
+        # instruction even where the task's verifier is `math` (train adds one by default).
         "chat": "off",
-        "eval": "arith",
+        "template": "",
+        "eval": spec.name,
+        **spec.rl.model_dump(),
     }
+
+
+def run_name(task: str | None, seed: int) -> str:
+    """``demo-s<seed>`` for the default task, ``demo-<task>-s<seed>`` for the others."""
+    name = get_task(task).name
+    return f"demo-s{seed}" if name == DEFAULT_TASK else f"demo-{name}-s{seed}"
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the demo; returns the summary (also written to <out>/summary.json)."""
-    task = {**DEFAULTS, **demo_task(fresh=bool(getattr(args, "fresh", False)))}
+    name = getattr(args, "task", None)
+    task = {**DEFAULTS, **demo_task(fresh=bool(getattr(args, "fresh", False)), task=name)}
     cfg, raw = resolve(args, getattr(args, "config", None), task=task, tables=("train", "demo"))
     if cfg.run is None:
-        cfg = cfg.model_copy(update={"run": f"demo-s{cfg.seed}"})
+        cfg = cfg.model_copy(update={"run": run_name(name, cfg.seed)})
     if cfg.quiet:
         cfg = cfg.model_copy(update={"log_level": "WARNING"})
     return run_training(cfg, raw)

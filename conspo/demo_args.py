@@ -4,10 +4,20 @@ from __future__ import annotations
 
 import argparse
 
+from conspo.tasks.registry import TASKS
+
 
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--steps", type=int, default=None, help="learner steps")
-    p.add_argument("--objective", default=None, help="conspo, grpo, dr_grpo, dapo, gspo, ...")
+    p.add_argument(
+        "--task", default=None, choices=sorted(TASKS), help="bundled task (default: arith)"
+    )
+    p.add_argument("--steps", type=int, default=None, help="learner steps (default: the task's)")
+    p.add_argument(
+        "--objective",
+        default=None,
+        help="a registered objective: conspo (default), grpo, dapo, dr_grpo, disco, gspo, "
+        "conspo_linear, conspo_ratio, conspo_nomargin, conspo_fixedmargin, ...",
+    )
     p.add_argument("--verifiers", type=int, default=None, help="verifier replicas")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--fresh", action="store_true", help="redo the warm start instead of reusing it")

@@ -12,8 +12,9 @@ One implementation serves the learner's periodic evaluation and ``conspo eval``:
   params)`` method (``services/generator/backends``: ``hf``, ``vllm``); ``ModelSampler`` adapts
   an in-process model (the learner's own, or one loaded by ``conspo eval --backend hf``).
 
-Sets: ``arith`` (the synthetic task's held-out split, first ``n`` problems, text prompts) and
-every benchmark of ``conspo.benchmarks`` (read in place from ``../shared/data/math``).
+Sets: every bundled task of ``conspo.tasks.registry`` (``arith``, ``chain``: the task's held-out
+split, first ``n`` problems, text prompts, the task's verifier and generation budget) and every
+benchmark of ``conspo.benchmarks`` (read in place from ``../shared/data/math``).
 
 Metrics: ``greedy`` is pass@1 at temperature 0; ``avg@k`` the mean correctness over k samples
 per problem at (temperature, top_p) (the paper: 0.6 / 0.95); ``pass@k`` the fraction of
@@ -38,14 +39,14 @@ from conspo.grading.config import GradeConfig
 from conspo.prompting import PromptRejectedError, encode_prompt
 from conspo.protocol import Prompt, SamplingParams, Verdict
 from conspo.rows import PromptFormat
+from conspo.tasks.registry import TASKS
 
 log = logging.getLogger(__name__)
 
-ARITH_MAX_TOKENS = 8
 #: Prompts per engine call. Each chunk has its own seed, so the learner and ``conspo eval``
 #: share this value to give the same numbers for the same weights and seed.
 EVAL_CHUNK = 64
-TASK_SETS = ("arith",)
+TASK_SETS = tuple(TASKS)
 
 
 class HasText(Protocol):
@@ -89,15 +90,14 @@ def load_eval_set(
     """The first ``n`` items of set ``name`` as prompts. ``fmt`` is the training run's prompt
     format; None takes the set's default (for benchmarks: the math instruction, as a chat turn
     when ``chat_template``)."""
-    if name == "arith":
-        from conspo.tasks.arith import DEFAULT_N_TEST, DEFAULT_SPLIT_SEED, make_split
-
-        test = make_split(0, DEFAULT_N_TEST, DEFAULT_SPLIT_SEED).test[:n]
+    if name in TASKS:
+        task = TASKS[name]
         fmt = fmt or PromptFormat()
         prompts = [
-            fmt.prompt(f"arith-{i}", p.prompt, p.answer, "arith") for i, p in enumerate(test)
+            fmt.prompt(f"{name}-{i}", p.prompt, p.answer, task.verifier)
+            for i, p in enumerate(task.test_problems(n))
         ]
-        return EvalSet(name, prompts, "arith", ARITH_MAX_TOKENS)
+        return EvalSet(name, prompts, task.verifier, task.max_tokens)
     from conspo.benchmarks import (
         UnknownBenchmarkError,
         default_format,

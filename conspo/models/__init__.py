@@ -5,7 +5,7 @@ any local HF causal LM), `sampling` (batched group sampling with behaviour log-p
 `logprobs` (teacher-forced completion log-probs), `sft` (warm start and evaluation).
 
 This package root stays import-light (no torch / transformers at import time): it only locates
-the committed warm-start checkpoint and retrains one on request.
+a task's committed warm-start checkpoint (`conspo.tasks.registry`) and retrains one on request.
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-_ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny-arith"
 
+def default_checkpoint(task: str | None = None) -> Path:
+    """The committed warm-start checkpoint of a bundled task (default `arith`:
+    `conspo/assets/tiny-arith`), a `from_pretrained` directory with `recipe.json`."""
+    from conspo.tasks.registry import get_task
 
-def default_checkpoint() -> Path:
-    """The committed warm-start checkpoint (`conspo/assets/tiny-arith`), a `from_pretrained`
-    directory with `recipe.json`."""
-    return _ASSET_DIR
+    return get_task(task).checkpoint
 
 
 def cache_dir() -> Path:
@@ -38,24 +38,30 @@ def _is_checkpoint(path: Path) -> bool:
     return (path / "config.json").is_file()
 
 
-def ensure_checkpoint(path: Path | None = None, fresh: bool = False, **warm_start_kwargs) -> Path:
-    """A usable checkpoint directory.
+def ensure_checkpoint(
+    path: Path | None = None, fresh: bool = False, task: str | None = None, **warm_start_kwargs
+) -> Path:
+    """A usable checkpoint directory for a bundled task (default `arith`).
 
-    - `fresh=False`: `path` if it already holds a checkpoint, else the committed default when
-      `path` is None; a `path` without a checkpoint is trained into.
-    - `fresh=True`: run the warm start (`conspo.models.sft.warm_start`, keyword arguments
-      passed through, e.g. `seed`, `steps`) into `path`, or into
-      `cache_dir()/tiny-arith-seed{seed}` when `path` is None, and return that directory.
+    - `fresh=False`: `path` if it already holds a checkpoint, else the task's committed one
+      when `path` is None; a `path` without a checkpoint is trained into.
+    - `fresh=True`: run the task's warm start (`conspo.models.sft.warm_start` with the task's
+      recipe; keyword arguments override it, e.g. `seed`, `steps`) into `path`, or into
+      `cache_dir()/<asset>-seed{seed}` (e.g. `tiny-arith-seed1`) when `path` is None, and
+      return that directory.
     """
+    from conspo.tasks.registry import get_task
+
+    spec = get_task(task)
     if not fresh:
-        if path is None and _is_checkpoint(default_checkpoint()):
-            return default_checkpoint()
+        if path is None and _is_checkpoint(spec.checkpoint):
+            return spec.checkpoint
         if path is not None and _is_checkpoint(Path(path)):
             return Path(path)
     from conspo.models.sft import DEFAULT_SEED, warm_start
 
-    seed = int(warm_start_kwargs.get("seed", DEFAULT_SEED))
-    target = Path(path) if path is not None else cache_dir() / f"tiny-arith-seed{seed}"
-    logger.info("training a warm-start checkpoint into %s", target)
-    warm_start(target, **warm_start_kwargs)
+    seed = int(warm_start_kwargs.get("seed", spec.warm_start.get("seed", DEFAULT_SEED)))
+    target = Path(path) if path is not None else cache_dir() / f"{spec.asset}-seed{seed}"
+    logger.info("training a %s warm-start checkpoint into %s", spec.name, target)
+    warm_start(target, task=spec.name, **warm_start_kwargs)
     return target

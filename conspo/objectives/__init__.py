@@ -7,6 +7,7 @@ micro-batch by whole groups with ``reduce="sum"``. See ``docs`` of each module f
 defaults chosen and ``registry`` for the name -> objective table.
 """
 
+from conspo.objectives.ablations import conspo_linear, conspo_nomargin, conspo_ratio
 from conspo.objectives.cispo import cispo
 from conspo.objectives.common import (
     LOG_RATIO_CLAMP,
@@ -52,7 +53,10 @@ __all__ = [
     "UnknownObjectiveError",
     "cispo",
     "conspo_coefficients",
+    "conspo_linear",
     "conspo_loss",
+    "conspo_nomargin",
+    "conspo_ratio",
     "conspo_surrogate_loss",
     "count_valid_groups",
     "dapo",

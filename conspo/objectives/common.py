@@ -29,6 +29,7 @@ from torch import Tensor
 __all__ = [
     "LOG_RATIO_CLAMP",
     "POSITIVE_THRESHOLD",
+    "BinaryGroupStats",
     "Groups",
     "as_bool_mask",
     "binary_group_stats",

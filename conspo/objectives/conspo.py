@@ -34,6 +34,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from conspo.objectives.common import (
+    BinaryGroupStats,
+    Groups,
     binary_group_stats,
     check_batch,
     check_reduce,
@@ -58,6 +60,8 @@ __all__ = [
     "conspo_coefficients",
     "conspo_loss",
     "conspo_surrogate_loss",
+    "group_denominator",
+    "infonce_total",
     "margin_schedule",
 ]
 
@@ -139,17 +143,8 @@ def conspo_loss(
     _check_tau(tau)
     m = check_batch(token_logprobs, mask, rewards, group_ids)
     scores = sequence_scores(token_logprobs, m)
-    groups, stats, a, lse_neg, counted = _contrast_terms(scores, rewards, group_ids, tau, margin)
-    idx = groups.index
-    # -J contribution of positive i: (tau / N+) * softplus(L_g - a_i); invalid -> exactly 0.
-    weight = torch.where(counted, tau / stats.n_pos[idx].clamp(min=1), 0.0)
-    softplus = F.softplus(lse_neg - a)
-    total = (weight * softplus).sum()
-
-    dtype = scores.dtype
-    n_valid = stats.valid.sum().to(dtype)
-    denominator = n_valid if reduce != "all_groups" else torch.tensor(float(groups.count))
-    denominator = denominator.to(dtype=dtype, device=scores.device).clamp(min=1)
+    total, groups, stats, contrast = infonce_total(scores, rewards, group_ids, tau, margin)
+    denominator = group_denominator(stats, groups, reduce, scores)
 
     diag: dict[str, Tensor | float] = dict(group_diagnostics(scores, stats, groups))
     if kl_constraint:
@@ -162,15 +157,37 @@ def conspo_loss(
         diag["kl"] = masked_mean_all(old - lp, m)
         diag["kl_penalty"] = torch.where(stats.valid, penalty, 0.0).sum() / denominator
     loss = reduce_total(total, denominator, reduce)
-
-    p_pos = torch.exp(-softplus.detach())  # P_i = sigmoid(a_i - L_g)
-    n_counted = counted.sum().clamp(min=1).to(dtype)
-    diag["mean_p_pos"] = torch.where(counted, p_pos, 0.0).sum() / n_counted
-    uniform = 1.0 / (1.0 + stats.n_neg[idx])
-    diag["mean_p_pos_uniform"] = torch.where(counted, uniform, 0.0).sum() / n_counted
+    diag.update(contrast)
     diag["margin"] = float(margin)
     diag["denominator"] = denominator
     return loss, detach_all(diag)
+
+
+def infonce_total(
+    scores: Tensor, rewards: Tensor, group_ids: Tensor, tau: float, margin: float
+) -> tuple[Tensor, Groups, BinaryGroupStats, dict[str, Tensor]]:
+    """``-sum over valid groups of J(q)`` for any per-completion ``scores`` (differentiable),
+    with the group index, the positive / negative counts and the ``P_i`` diagnostics."""
+    groups, stats, a, lse_neg, counted = _contrast_terms(scores, rewards, group_ids, tau, margin)
+    idx = groups.index
+    # -J contribution of positive i: (tau / N+) * softplus(L_g - a_i); invalid -> exactly 0.
+    weight = torch.where(counted, tau / stats.n_pos[idx].clamp(min=1), 0.0)
+    softplus = F.softplus(lse_neg - a)
+    total = (weight * softplus).sum()
+    p_pos = torch.exp(-softplus.detach())  # P_i = sigmoid(a_i - L_g)
+    n_counted = counted.sum().clamp(min=1).to(scores.dtype)
+    uniform = 1.0 / (1.0 + stats.n_neg[idx])
+    contrast = {
+        "mean_p_pos": torch.where(counted, p_pos, 0.0).sum() / n_counted,
+        "mean_p_pos_uniform": torch.where(counted, uniform, 0.0).sum() / n_counted,
+    }
+    return total, groups, stats, contrast
+
+
+def group_denominator(stats: BinaryGroupStats, groups: Groups, reduce: str, like: Tensor) -> Tensor:
+    """Valid groups (``reduce="mean"`` / ``"sum"``) or all groups (``"all_groups"``), >= 1."""
+    value = torch.tensor(float(groups.count)) if reduce == "all_groups" else stats.valid.sum()
+    return value.to(dtype=like.dtype, device=like.device).clamp(min=1)
 
 
 def conspo_coefficients(

@@ -10,6 +10,12 @@ gradient. The denominator kinds are:
 * ``valid_groups`` (ConSPO ``reduce="mean"``), ``groups`` (ConSPO/DisCO ``"all_groups"``),
 * ``sequences`` (GRPO, Dr.GRPO, GSPO, GMPO, SAPO), ``tokens`` (DAPO, CISPO).
 
+ConSPO's ablations (``conspo.objectives.ablations``) are registered next to it. The margin
+curriculum is the learner's to apply (it depends on the step), so each entry also says which
+margin schedule it wants: ``cosine`` (ConSPO's ramp, ``margin_schedule``), ``constant`` (the
+target margin from step 0: ``conspo_fixedmargin``) or none (the objective takes no margin).
+``Objective.margin_at`` computes it; the learner passes the result as ``margin=``.
+
 Defaults are read from the functions' keyword-only signatures, so the registry cannot drift
 from the code; ``Objective.with_options`` returns a copy with other defaults (and recomputes
 whether old / reference log-probs are required).
@@ -26,9 +32,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from conspo.objectives.ablations import conspo_linear, conspo_nomargin, conspo_ratio
 from conspo.objectives.cispo import cispo
 from conspo.objectives.common import as_bool_mask, binary_group_stats, group_index
-from conspo.objectives.conspo import conspo_loss
+from conspo.objectives.conspo import conspo_loss, margin_schedule
 from conspo.objectives.disco import disco
 from conspo.objectives.grpo import dapo, dr_grpo, grpo
 from conspo.objectives.sapo import sapo
@@ -38,6 +45,7 @@ __all__ = ["OBJECTIVES", "Objective", "UnknownObjectiveError", "get_objective"]
 
 ObjectiveFn = Callable[..., tuple[Tensor, dict[str, Any]]]
 _DATA_KEYWORDS = frozenset({"old_logprobs", "ref_logprobs"})
+MARGIN_SCHEDULES = ("cosine", "constant")
 
 
 class UnknownObjectiveError(KeyError):
@@ -83,6 +91,8 @@ class Objective:
     needs_old_logprobs: bool
     needs_ref_logprobs: bool
     denominator_kind: str
+    #: ``"cosine"``, ``"constant"`` or None (no ``margin`` keyword): see the module doc.
+    margin_schedule: str | None = None
 
     def __call__(
         self, token_logprobs: Tensor, mask: Tensor, rewards: Tensor, group_ids: Tensor, **kwargs
@@ -106,38 +116,65 @@ class Objective:
 
     def with_options(self, **options) -> Objective:
         """Copy with other defaults (unknown names raise ``TypeError``)."""
-        return _make(self.name, self.fn, self.denominator_kind, self._options(options))
+        return _make(
+            self.name, self.fn, self.denominator_kind, self.margin_schedule, self._options(options)
+        )
+
+    def margin_at(self, step: int, total_steps: int, target: float, warmup_ratio: float) -> float:
+        """The margin for optimizer step ``step`` of ``total_steps`` (0 without a margin)."""
+        if self.margin_schedule == "cosine":
+            return margin_schedule(step, total_steps, target, warmup_ratio)
+        if self.margin_schedule == "constant":
+            return float(target)
+        return 0.0
 
 
-def _requirements(name: str, d: Mapping[str, Any]) -> tuple[bool, bool]:
-    if name == "conspo":
+def _requirements(fn: ObjectiveFn, d: Mapping[str, Any]) -> tuple[bool, bool]:
+    """(needs old log-probs, needs reference log-probs) under the hyper-parameters ``d``."""
+    if "kl_constraint" in d:  # ConSPO and its margin ablations: only for the KL option
         return bool(d["kl_constraint"]), False
-    if name == "disco":
+    if fn is disco:
         return d["kl_beta"] != 0.0, False
+    if fn is conspo_linear:  # log-likelihood scores only
+        return False, False
     return True, d.get("beta", 0.0) != 0.0
 
 
-def _make(name: str, fn: ObjectiveFn, kind: str, defaults: Mapping[str, Any]) -> Objective:
-    needs_old, needs_ref = _requirements(name, defaults)
+def _make(
+    name: str, fn: ObjectiveFn, kind: str, schedule: str | None, defaults: Mapping[str, Any]
+) -> Objective:
+    if (schedule is not None) != ("margin" in defaults) or schedule not in (
+        *MARGIN_SCHEDULES,
+        None,
+    ):
+        raise ValueError(f"{name}: margin schedule {schedule!r} does not fit its hyper-parameters")
+    needs_old, needs_ref = _requirements(fn, defaults)
     frozen = MappingProxyType(dict(defaults))
-    return Objective(name, fn, frozen, needs_old, needs_ref, kind)
+    return Objective(name, fn, frozen, needs_old, needs_ref, kind, schedule)
 
 
-_SPECS: tuple[tuple[str, ObjectiveFn, str], ...] = (
-    ("conspo", conspo_loss, "valid_groups"),
-    ("grpo", grpo, "sequences"),
-    ("dr_grpo", dr_grpo, "sequences"),
-    ("dapo", dapo, "tokens"),
-    ("disco", disco, "valid_groups"),
-    ("gspo", gspo, "sequences"),
-    ("gmpo", gmpo, "sequences"),
-    ("cispo", cispo, "tokens"),
-    ("sapo", sapo, "sequences"),
+_SPECS: tuple[tuple[str, ObjectiveFn, str, str | None], ...] = (
+    ("conspo", conspo_loss, "valid_groups", "cosine"),
+    ("conspo_linear", conspo_linear, "valid_groups", "cosine"),
+    ("conspo_ratio", conspo_ratio, "valid_groups", "cosine"),
+    ("conspo_nomargin", conspo_nomargin, "valid_groups", None),
+    ("conspo_fixedmargin", conspo_loss, "valid_groups", "constant"),
+    ("grpo", grpo, "sequences", None),
+    ("dr_grpo", dr_grpo, "sequences", None),
+    ("dapo", dapo, "tokens", None),
+    ("disco", disco, "valid_groups", None),
+    ("gspo", gspo, "sequences", None),
+    ("gmpo", gmpo, "sequences", None),
+    ("cispo", cispo, "tokens", None),
+    ("sapo", sapo, "sequences", None),
 )
 
 #: Read-only ``name -> Objective`` mapping of every registered objective.
 OBJECTIVES: Mapping[str, Objective] = MappingProxyType(
-    {name: _make(name, fn, kind, _hyper_parameters(fn)) for name, fn, kind in _SPECS}
+    {
+        name: _make(name, fn, kind, schedule, _hyper_parameters(fn))
+        for name, fn, kind, schedule in _SPECS
+    }
 )
 
 

@@ -41,6 +41,11 @@ class ArithProblem(BaseModel):
     prompt: str
     answer: str
 
+    @property
+    def target(self) -> str:
+        """The supervised completion of the warm start: the answer alone (EOS is added)."""
+        return self.answer
+
     def messages(self) -> list[dict[str, str]]:
         """The prompt as a one-message chat (for the chat-template route)."""
         return [{"role": "user", "content": self.prompt}]

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from conspo.models.logprobs import completion_logprobs
-from conspo.objectives import get_objective, k3_kl, margin_schedule
+from conspo.objectives import get_objective, k3_kl
 from services.learner.data import TrainGroup, assign_to_ranks, plan_micro_batches
 from services.learner.distributed import DistContext, set_gradient_sync
 
@@ -158,8 +158,8 @@ class Trainer:
         if "beta" in base.defaults:
             params.setdefault("beta", config.kl_beta)
             self.learner_kl_beta = 0.0
-        self.uses_margin = "margin" in base.defaults
         self.objective = base.with_options(**params)
+        self.uses_margin = self.objective.margin_schedule is not None
         self.needs_old = self.objective.needs_old_logprobs
         self.needs_ref = self.objective.needs_ref_logprobs or self.learner_kl_beta > 0
         if self.needs_ref and ref_model is None:
@@ -182,9 +182,10 @@ class Trainer:
 
     # -- public -----------------------------------------------------------------------------------
     def margin_at(self, step: int, total_steps: int) -> float:
-        if not self.uses_margin:
-            return 0.0
-        return margin_schedule(step, total_steps, self.config.margin, self.config.margin_warmup)
+        # The objective's own schedule: ConSPO's cosine ramp, a constant, or none.
+        return self.objective.margin_at(
+            step, total_steps, self.config.margin, self.config.margin_warmup
+        )
 
     def step(self, groups: Sequence[TrainGroup], step: int, margin_total_steps: int) -> StepStats:
         """One optimizer step on ``groups`` (every rank passes the same list)."""

@@ -33,6 +33,20 @@ EXPECTED = {
 }
 
 
+ALL_OBJECTIVES = {
+    "conspo",
+    "grpo",
+    "dapo",
+    "dr_grpo",
+    "disco",
+    "gspo",
+    "conspo_linear",
+    "conspo_ratio",
+    "conspo_nomargin",
+    "conspo_fixedmargin",
+}
+
+
 def _model() -> str | None:
     env = os.environ.get("CONSPO_BENCH_MODEL")
     if env:
@@ -82,7 +96,7 @@ def test_light_benchmarks_smoke(tmp_path, redis_url):
     got = _check(tmp_path, names, out)
     if "objectives" in got:
         obj = got["objectives"]
-        assert set(obj["objectives"]) == {"conspo", "grpo", "dr_grpo", "dapo", "gspo"}
+        assert set(obj["objectives"]) == ALL_OBJECTIVES
         assert 0.0 <= obj["warm_start_accuracy"] <= 1.0
         # equal numbers of generated samples for every objective
         assert len({v["samples_per_run"] for v in obj["objectives"].values()}) == 1
@@ -99,6 +113,35 @@ def test_verifier_throughput_smoke(tmp_path, redis_url):
     for rep in ver["replicas"].values():
         assert rep["completions_per_s"] > 0
         assert rep["efficiency"] > 0
+
+
+@pytest.mark.slow
+def test_objectives_on_the_chain_task_smoke(tmp_path):
+    # The comparison on the scratchpad task, every objective, one seed, a few steps: the
+    # report's figures exist and every objective generated the same number of samples.
+    out = tmp_path / "objectives-chain.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "objectives.py"), "--task", "chain", "--smoke",
+         "--seeds", "0", "1", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=900, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert EXPECTED["objectives"] <= set(data)
+    assert data["config"]["task"] == "chain"
+    assert set(data["objectives"]) == ALL_OBJECTIVES
+    assert len({v["samples_per_run"] for v in data["objectives"].values()}) == 1
+    for name, v in data["objectives"].items():
+        assert 0.0 <= v["late_greedy"]["mean"] <= 1.0, name
+        assert 0.0 <= v["late_avg_k"]["mean"] <= 1.0, name
+        assert v["length_start"] > 20, name  # scratchpad completions, not bare answers
+    assert {"grpo", "conspo"} == set(data["minus"])
+    assert set(data["minus"]["grpo"]) == ALL_OBJECTIVES - {"grpo"}
+    cosine = data["gradient_cosine"]["cosine"]
+    assert cosine["conspo"]["conspo"] == pytest.approx(1.0)
+    assert all(-1.0 <= c <= 1.0 + 1e-6 for c in cosine["conspo"].values())
+    assert (tmp_path / "objectives-chain.png").is_file()
+    assert "summary: chain:" in proc.stdout
 
 
 @pytest.mark.slow

@@ -7,7 +7,14 @@ from pathlib import Path
 import pytest
 
 from conspo.benchmarks import default_format
-from conspo.evaluation import Evaluator, ModelSampler, encode_set, evaluate, load_eval_set
+from conspo.evaluation import (
+    Evaluator,
+    Grader,
+    ModelSampler,
+    encode_set,
+    evaluate,
+    load_eval_set,
+)
 from conspo.models import default_checkpoint
 from conspo.models.sft import evaluate as warm_start_evaluate
 from conspo.models.tiny import context_length, load_policy
@@ -15,6 +22,7 @@ from conspo.prompting import encode_prompt
 from conspo.protocol import Prompt
 from conspo.rows import PromptFormat
 from conspo.tasks.arith import make_split
+from conspo.tasks.registry import get_task
 
 
 @pytest.fixture(scope="module")
@@ -101,8 +109,21 @@ def test_benchmark_sets_load_and_grade_their_own_gold_answers(shared_data, name)
 
 
 def test_unknown_set_names_every_choice():
-    with pytest.raises(ValueError, match="arith, aime24"):
+    with pytest.raises(ValueError, match="arith, chain, aime24"):
         load_eval_set("nope", 3)
+
+
+def test_chain_set_is_the_task_held_out_split_graded_by_the_math_verifier():
+    task = get_task("chain")
+    eval_set = load_eval_set("chain", 30)
+    test = task.test_problems(30)
+    assert [p.text for p in eval_set.prompts] == [p.prompt for p in test]
+    assert eval_set.answers == [p.answer for p in test]
+    assert (eval_set.verifier, eval_set.max_tokens) == ("math", task.max_tokens)
+    grade = Grader(eval_set.verifier)
+    for p in test:
+        assert grade(p.solution, p.answer)
+        assert not grade(p.solution.replace("boxed", "box"), p.answer)  # no answer at all
 
 
 def test_any_generation_backend_can_serve_an_evaluation(tiny):

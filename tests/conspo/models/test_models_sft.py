@@ -11,6 +11,7 @@ from conspo.models import default_checkpoint, ensure_checkpoint
 from conspo.models.sft import answer_token_ids, evaluate, main, train_sft, warm_start
 from conspo.models.tiny import TinyModelConfig, build_tiny_model, load_policy
 from conspo.tasks.arith import make_split, score
+from conspo.tasks.registry import get_task
 
 SMALL = TinyModelConfig(hidden_size=32, num_hidden_layers=1, intermediate_size=64)
 
@@ -65,6 +66,20 @@ def test_committed_checkpoint_heldout_accuracy_in_band(committed, recipe):
     test = make_split(None, recipe["n_test"], recipe["split_seed"]).test[:300]
     acc = evaluate(model, tok, test, greedy=True)
     assert 0.2 <= acc <= 0.6
+
+
+def test_committed_chain_checkpoint_leaves_rl_headroom_and_mixed_groups():
+    task = get_task("chain")
+    recipe = json.loads((task.checkpoint / "recipe.json").read_text())
+    assert recipe["task_name"] == "chain"
+    assert 0.15 <= recipe["greedy_pass_at_1"] <= 0.5
+    assert recipe["probe"]["group_size"] == 8
+    assert recipe["probe"]["mixed_fraction"] >= 0.5
+    assert recipe["probe"]["wrong_diverges_before_answer"] >= 0.9
+    model, tok = load_policy(task.checkpoint)
+    test = task.test_problems(200)
+    acc = evaluate(model, tok, test, greedy=True, grade=task.grade, max_new_tokens=task.max_tokens)
+    assert 0.15 <= acc <= 0.5
 
 
 def test_evaluate_matches_independent_greedy_decoding(committed, recipe):
@@ -174,6 +189,33 @@ def test_ensure_checkpoint(tmp_path, monkeypatch):
     )
     assert fresh == tmp_path / "cache" / "tiny-arith-seed2"
     assert json.loads((fresh / "recipe.json").read_text())["seed"] == 2
+    assert ensure_checkpoint(None, task="chain") == get_task("chain").checkpoint
+
+
+def test_warm_start_of_another_task_records_it(tmp_path):
+    # The chain task's SFT target is the whole scratchpad; its recipe says which task it is
+    # and holds the group probe the task asks for.
+    report = warm_start(
+        tmp_path / "chain",
+        task="chain",
+        seed=0,
+        steps=2,
+        batch_size=4,
+        model_config=SMALL,
+        n_train=200,
+        n_val=10,
+        target_accuracy=None,
+        n_eval=4,
+        probe_prompts=3,
+    )
+    recipe = json.loads((tmp_path / "chain" / "recipe.json").read_text())
+    assert recipe["task_name"] == report.task_name == "chain"
+    assert recipe["task"]["max_operands"] == 5
+    assert recipe["n_train"] == 200  # no validation slice without a target accuracy
+    assert recipe["probe"]["prompts"] == 3
+    assert 0.0 <= recipe["probe"]["mixed_fraction"] <= 1.0
+    with pytest.raises(ValueError):
+        warm_start(tmp_path / "bad", task="chain", not_a_setting=1)
 
 
 def test_cli_entry_point(tmp_path, capsys):

@@ -12,13 +12,20 @@ import conspo.objectives as objectives
 from conspo.objectives import OBJECTIVES, Objective, UnknownObjectiveError, get_objective
 
 F64 = torch.float64
-NAMES = {"conspo", "grpo", "dr_grpo", "dapo", "disco", "gspo", "gmpo", "cispo", "sapo"}
+ABLATIONS = {"conspo_linear", "conspo_ratio", "conspo_nomargin", "conspo_fixedmargin"}
+NAMES = {"conspo", "grpo", "dr_grpo", "dapo", "disco", "gspo", "gmpo", "cispo", "sapo", *ABLATIONS}
 
 #: (name, option overrides) pairs exercised by the decomposition / robustness tests.
 VARIANTS = [
     ("conspo", {}),
     ("conspo", {"margin": 0.01, "reduce": "all_groups"}),
     ("conspo", {"kl_constraint": True}),
+    ("conspo_linear", {}),
+    ("conspo_linear", {"margin": 0.01, "reduce": "all_groups"}),
+    ("conspo_ratio", {}),
+    ("conspo_ratio", {"margin": 0.01, "eps": 0.1}),
+    ("conspo_nomargin", {}),
+    ("conspo_fixedmargin", {"margin": 0.01}),
     ("grpo", {}),
     ("grpo", {"beta": 0.04, "std": "sample"}),
     ("dr_grpo", {}),
@@ -72,6 +79,9 @@ def test_registered_names_and_exports():
         "sequence_scores",
         "conspo_loss",
         "conspo_coefficients",
+        "conspo_linear",
+        "conspo_ratio",
+        "conspo_nomargin",
         "margin_schedule",
         "grpo",
         "dr_grpo",
@@ -127,8 +137,12 @@ def test_requirement_flags_follow_options():
     assert get_objective("disco").needs_old_logprobs
     assert not get_objective("grpo").needs_ref_logprobs
     assert get_objective("grpo").with_options(beta=0.04).needs_ref_logprobs
-    for name in NAMES - {"conspo", "disco"}:
-        assert get_objective(name).needs_old_logprobs
+    assert not get_objective("conspo_nomargin").needs_old_logprobs
+    assert not get_objective("conspo_fixedmargin").needs_old_logprobs
+    assert not get_objective("conspo_linear").needs_old_logprobs
+    for name in NAMES - {"conspo", "disco", "conspo_linear", "conspo_nomargin"}:
+        if name != "conspo_fixedmargin":
+            assert get_objective(name).needs_old_logprobs, name
 
 
 @pytest.mark.parametrize("name", sorted(NAMES))
@@ -228,9 +242,9 @@ def test_diagnostics_are_detached_scalars(name):
     lp, mask, rewards, gids, old, ref = make_batch(5, [4, 4], 6)
     _, diag = obj(lp, mask, rewards, gids, **data_kwargs(obj, old, ref))
     assert {"valid_groups", "skipped_groups", "score_gap", "denominator"} <= set(diag)
-    if name not in {"conspo", "disco"}:
+    if name not in {"conspo", "disco", "conspo_linear", "conspo_nomargin", "conspo_fixedmargin"}:
         assert {"clip_frac_low", "clip_frac_high"} <= set(diag)
-    if name == "conspo":
+    if name in {"conspo", "conspo_ratio", "conspo_nomargin", "conspo_fixedmargin"}:
         assert "mean_p_pos" in diag
     for key, value in diag.items():
         if isinstance(value, torch.Tensor):

@@ -75,7 +75,18 @@ def _group_gap(group: TrainGroup, scores: list[float]) -> float:
 
 @pytest.mark.parametrize(
     ("objective", "extra"),
-    [("conspo", {"margin": 0.01}), ("grpo", {}), ("dapo", {}), ("conspo", {"kl_beta": 0.1})],
+    [
+        ("conspo", {"margin": 0.01}),
+        ("grpo", {}),
+        ("dapo", {}),
+        ("conspo", {"kl_beta": 0.1}),
+        # ConSPO's ablations, selected by name like any objective (ratio scores need the
+        # behaviour log-probs, the fixed margin is applied from step 0).
+        ("conspo_ratio", {"margin": 0.01}),
+        ("conspo_linear", {}),
+        ("conspo_fixedmargin", {"margin": 0.01}),
+        ("conspo_nomargin", {}),
+    ],
 )
 def test_micro_batches_accumulate_the_full_batch_gradient(
     model_path, groups_factory, objective, extra
@@ -101,6 +112,18 @@ def test_micro_batches_accumulate_the_full_batch_gradient(
         # by >= 1/6 here, so 1e-4 still catches every real accumulation bug.
         assert float((parts[name] - g).norm()) <= 1e-4 * float(g.norm()) + 1e-12, name
     assert any(g.abs().sum() > 0 for g in whole.values())
+
+
+def test_each_objective_gets_its_own_margin_schedule(model_path):
+    def margins(objective: str) -> list[float]:
+        trainer = _trainer(model_path, objective=objective, margin=0.02, margin_warmup=0.5)
+        return [trainer.margin_at(step, 10) for step in (0, 5, 9)]
+
+    assert margins("conspo") == pytest.approx([0.0, 0.02, 0.02])  # cosine ramp over 5 steps
+    assert margins("conspo_linear") == pytest.approx([0.0, 0.02, 0.02])
+    assert margins("conspo_fixedmargin") == pytest.approx([0.02, 0.02, 0.02])
+    assert margins("conspo_nomargin") == [0.0, 0.0, 0.0]
+    assert margins("grpo") == [0.0, 0.0, 0.0]
 
 
 def test_lr_schedules_follow_their_definitions():
