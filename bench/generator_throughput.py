@@ -36,6 +36,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import describe, machine, median, table, write_json
 
+from conspo import counters
 from conspo.flow import FlowControl
 from conspo.protocol import Prompt, SamplingParams
 from conspo.queue import StreamQueue
@@ -124,7 +125,7 @@ def service(
         seconds = time.perf_counter() - t0
         runtime.request_stop()
         thread.join(timeout=60)
-        tokens = int(client.hget(keys.counters, "generator.tokens") or 0)
+        tokens = int(client.hget(keys.counters, counters.GENERATOR_TOKENS) or 0)
         return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
     finally:
         runtime.request_stop()

@@ -22,6 +22,7 @@ from collections import Counter
 
 import redis
 
+from conspo.counters import API_PROMPTS_ACCEPTED, API_PROMPTS_FED
 from conspo.keys import Keys
 from conspo.lineage import GENERATE, LEARN, VERIFY, parse_learn_marker
 from conspo.protocol import DeadLetter, DecodeError, Prompt, decode
@@ -49,8 +50,8 @@ def accounting(client: redis.Redis, keys: Keys) -> dict[str, int]:
             queued[name] = StreamQueue(client, keys, name, Prompt).backlog().outstanding
         else:
             queued[name] = 0
-    counters = {k.decode(): int(v) for k, v in client.hgetall(keys.counters).items()}
-    submitted = counters.get("api.prompts_accepted", 0) + counters.get("api.prompts_fed", 0)
+    totals = {k.decode(): int(v) for k, v in client.hgetall(keys.counters).items()}
+    submitted = totals.get(API_PROMPTS_ACCEPTED, 0) + totals.get(API_PROMPTS_FED, 0)
     out = {
         "submitted": submitted,
         "generated": generated,

@@ -34,15 +34,17 @@ import time
 
 import redis
 
+from conspo import counters
 from conspo.keys import Keys
 
-PRODUCED = "generator.groups"
-CONSUMED = "learner.groups_consumed"
+PRODUCED = counters.GENERATOR_GROUPS
+CONSUMED = counters.LEARNER_GROUPS_CONSUMED
 
 _RESERVE = """
--- KEYS: counters, leases, state. ARGV: instance, want, B, max_staleness, now, ttl, served version
-local produced = tonumber(redis.call('HGET', KEYS[1], 'generator.groups') or '0')
-local consumed = tonumber(redis.call('HGET', KEYS[1], 'learner.groups_consumed') or '0')
+-- KEYS: counters, leases, state. ARGV: instance, want, B, max_staleness, now, ttl, served
+-- version, then the names of the produced and consumed counters (conspo.counters).
+local produced = tonumber(redis.call('HGET', KEYS[1], ARGV[8]) or '0')
+local consumed = tonumber(redis.call('HGET', KEYS[1], ARGV[9]) or '0')
 local B = tonumber(redis.call('HGET', KEYS[3], 'batch_groups') or ARGV[3])
 local s = tonumber(redis.call('HGET', KEYS[3], 'max_staleness') or ARGV[4])
 local learner_version = tonumber(redis.call('HGET', KEYS[3], 'policy_version') or '0')
@@ -126,6 +128,8 @@ class FlowControl:
                 time.time(),
                 self.lease_ttl_s,
                 served_version,
+                PRODUCED,
+                CONSUMED,
             ],
         )
         return int(grant)

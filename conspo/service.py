@@ -29,6 +29,7 @@ from typing import Any, Literal
 import redis
 from prometheus_client import CollectorRegistry, Counter, start_http_server
 
+from conspo import counters
 from conspo.incarnation import Incarnation
 from conspo.logs import setup as setup_logging
 from conspo.protocol import Heartbeat, MetaValue
@@ -122,7 +123,7 @@ class ServiceRuntime:
             self.info["redis_state_lost"] = state.detections
             self.error(f"{state.detail}")
             try:
-                self.store.incr({"redis.state_lost": 1})
+                self.store.incr({counters.REDIS_STATE_LOST: 1})
             except redis.RedisError as exc:
                 log.warning("could not count the loss: %s", exc)
         if state.lost:

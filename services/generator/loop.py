@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 import redis
 
+from conspo import counters
 from conspo.flow import FlowControl
 from conspo.lineage import GENERATE, group_id_for
 from conspo.prompting import PromptRejectedError, encode_prompt
@@ -384,9 +385,9 @@ class GeneratorLoop:
                     item=d.entry_id,
                     outputs=[(self.rollouts, group, group.group_id)],
                     counters={
-                        "generator.groups": 1,
-                        "generator.completions": len(completions_of),
-                        "generator.tokens": n_tokens,
+                        counters.GENERATOR_GROUPS: 1,
+                        counters.GENERATOR_COMPLETIONS: len(completions_of),
+                        counters.GENERATOR_TOKENS: n_tokens,
                     },
                 )
             )

@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 import redis
 
+from conspo import counters
 from conspo.grading.config import GradeConfig, GradeItem
 from conspo.lineage import VERIFY
 from conspo.protocol import LabeledGroup, RolloutGroup
@@ -169,14 +170,18 @@ class VerifierWorker:
                 verifier_id=self.rt.instance,
                 verify_seconds=per_group,
             )
-            verdicts = Tally(f"verifier.verdict.{label.verdict.value}" for label in group_labels)
+            verdicts = Tally(counters.verdict(label.verdict.value) for label in group_labels)
             commits.append(
                 Commit(
                     d,
                     stage=VERIFY,
                     item=d.message.group_id,
                     outputs=[(self.labeled, labeled, d.message.group_id)],
-                    counters={"verifier.groups": 1, "verifier.completions": n, **verdicts},
+                    counters={
+                        counters.VERIFIER_GROUPS: 1,
+                        counters.VERIFIER_COMPLETIONS: n,
+                        **verdicts,
+                    },
                 )
             )
         # One round trip for the batch; each group's commit is still atomic on its own.

@@ -33,6 +33,7 @@ from typing import Any
 
 import redis
 
+from conspo import counters
 from conspo.protocol import DecodeError, Prompt, encode
 from conspo.queue import StreamQueue
 from services.api.datasets.store import DatasetStore
@@ -43,19 +44,19 @@ log = logging.getLogger(__name__)
 _FEED = """
 -- KEYS[1] lock, KEYS[2] cursor hash, KEYS[3] prompts stream, KEYS[4] counters hash
 -- ARGV[1] owner, ARGV[2] expected epoch, ARGV[3] expected position, ARGV[4] new epoch,
--- ARGV[5] new position, then (k, d) pairs
+-- ARGV[5] new position, ARGV[6] the fed counter, then (k, d) pairs
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
 local epoch = tonumber(redis.call('HGET', KEYS[2], 'epoch') or '0')
 local position = tonumber(redis.call('HGET', KEYS[2], 'position') or '0')
 if epoch ~= tonumber(ARGV[2]) or position ~= tonumber(ARGV[3]) then return -2 end
 local n = 0
-for i = 6, #ARGV, 2 do
+for i = 7, #ARGV, 2 do
   redis.call('XADD', KEYS[3], '*', 'k', ARGV[i], 'd', ARGV[i + 1])
   n = n + 1
 end
 redis.call('HSET', KEYS[2], 'epoch', ARGV[4], 'position', ARGV[5])
 redis.call('HINCRBY', KEYS[2], 'fed', n)
-redis.call('HINCRBY', KEYS[4], 'api.prompts_fed', n)
+redis.call('HINCRBY', KEYS[4], ARGV[6], n)
 return n
 """
 
@@ -215,7 +216,7 @@ class DatasetFeeder:
         if not plan:
             return 0
         loaded = self.store.rows(dataset_id, [index for _, index in plan])
-        args: list[Any] = [self.owner, epoch, position, e, p]
+        args: list[Any] = [self.owner, epoch, position, e, p, counters.API_PROMPTS_FED]
         for (row_epoch, index), row in zip(plan, loaded, strict=True):
             if row is None:
                 raise DecodeError(f"dataset {dataset_id}: row {index} is missing or corrupt")
