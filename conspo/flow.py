@@ -108,10 +108,6 @@ class FlowControl:
         self._reserve = client.register_script(_RESERVE)
         self._renew = client.register_script(_RENEW)
 
-    @property
-    def leases_key(self) -> str:
-        return f"{self.keys.base}:flow:leases"
-
     def reserve(self, instance: str, want: int, served_version: int) -> int:
         """How many groups ``instance`` may start now (0: wait). A second call replaces the lease.
 
@@ -119,7 +115,7 @@ class FlowControl:
         the learner: it must apply the next push first.
         """
         grant, _ = self._reserve(
-            keys=[self.keys.counters, self.leases_key, self.keys.state],
+            keys=[self.keys.counters, self.keys.flow_leases, self.keys.state],
             args=[
                 instance,
                 want,
@@ -137,11 +133,11 @@ class FlowControl:
     def renew(self, instance: str) -> bool:
         """Push back the expiry of ``instance``'s lease, if it holds one (heartbeat thread)."""
         expiry = time.time() + self.lease_ttl_s
-        return bool(self._renew(keys=[self.leases_key], args=[instance, expiry]))
+        return bool(self._renew(keys=[self.keys.flow_leases], args=[instance, expiry]))
 
     def release(self, instance: str) -> None:
         """Drop the lease once the batch is committed (its groups now count as produced)."""
-        self.client.hdel(self.leases_key, instance)
+        self.client.hdel(self.keys.flow_leases, instance)
 
     def consumed(self, n: int) -> None:
         """The learner is done with ``n`` more groups (trained, skipped or dropped)."""

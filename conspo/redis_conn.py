@@ -26,6 +26,13 @@ from redis.retry import Retry
 log = logging.getLogger(__name__)
 
 
+def as_text(value: bytes | str | int | float) -> str:
+    """A Redis reply as text. Any process (or an operator) can write any bytes into a run's
+    keys, so bytes that are not UTF-8 are replaced rather than raised on: a name or a reason
+    that reads oddly is better than a reader that crashes."""
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
 def connect(
     url: str, *, retries: int = 8, socket_timeout: float | None = 30.0, **kwargs: object
 ) -> redis.Redis:

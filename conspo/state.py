@@ -12,15 +12,18 @@ the next step, so the api can show it without knowing anything about the learner
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Mapping
+from typing import Any
 
 import redis
 from pydantic import BaseModel, Field, ValidationError
 
 from conspo.keys import Keys
 from conspo.protocol import DecodeError, Heartbeat, decode, encode
+from conspo.redis_conn import as_text
 
 WAITING_FIELD = "waiting"
 
@@ -57,15 +60,27 @@ class RunStore:
         pipe.execute()
 
     def counters(self) -> dict[str, int]:
-        raw = self.client.hgetall(self.keys.counters)
-        return {k.decode(): int(v) for k, v in raw.items()}
+        """Every counter (``conspo.counters``); a value that is not an integer (a foreign
+        writer) is left out rather than breaking the reader."""
+        out = {}
+        for name, value in self.client.hgetall(self.keys.counters).items():
+            with contextlib.suppress(ValueError):
+                out[as_text(name)] = int(value)
+        return out
+
+    def counter(self, name: str) -> int:
+        raw = self.client.hget(self.keys.counters, name)
+        try:
+            return int(raw) if raw is not None else 0
+        except ValueError:
+            return 0
 
     # -- status fields ---------------------------------------------------------------------------
     def set_fields(self, **fields: str | int | float) -> None:
         self.client.hset(self.keys.state, mapping={k: str(v) for k, v in fields.items()})
 
     def fields(self) -> dict[str, str]:
-        return {k.decode(): v.decode() for k, v in self.client.hgetall(self.keys.state).items()}
+        return {as_text(k): as_text(v) for k, v in self.client.hgetall(self.keys.state).items()}
 
     def set_waiting(self, waiting: Waiting) -> None:
         self.client.hset(self.keys.state, WAITING_FIELD, waiting.model_dump_json())
@@ -120,10 +135,17 @@ class RunStore:
         pipe.ltrim(key, -cap, -1)
         pipe.execute()
 
-    def series(self, series: str, last: int = 1000) -> list[dict[str, float]]:
-        return [
-            json.loads(x) for x in self.client.lrange(self.keys.metrics_series(series), -last, -1)
-        ]
+    def series(self, series: str, last: int = 1000) -> list[dict[str, Any]]:
+        """The last ``last`` points; entries that are not JSON objects are skipped."""
+        out = []
+        for raw in self.client.lrange(self.keys.metrics_series(series), -last, -1):
+            try:
+                point = json.loads(raw)
+            except ValueError:
+                continue
+            if isinstance(point, dict):
+                out.append(point)
+        return out
 
 
 def parse_waiting(raw: bytes | str) -> Waiting | None:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import redis
 
+from conspo.keys import Keys
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -27,7 +29,7 @@ def wait_for(predicate: Callable[[], object], timeout: float, interval: float = 
 
 def delete_run(client: redis.Redis, run: str, prefix: str = "conspo") -> int:
     """Delete every key of one run namespace (tests clean up after themselves)."""
-    keys = list(client.scan_iter(match=f"{prefix}:{{{run}}}:*", count=1000))
+    keys = list(client.scan_iter(match=Keys(run=run, prefix=prefix).everything, count=1000))
     for i in range(0, len(keys), 500):
         client.delete(*keys[i : i + 500])
     return len(keys)

@@ -34,10 +34,13 @@ from typing import Any
 
 from conspo import counters
 from conspo.protocol import MessageTooLargeError, Prompt, encode
-from conspo.queue import StreamQueue
+from conspo.queue import XADD_ENTRY, StreamQueue
+from conspo.redis_conn import as_text
 from services.api.errors import ApiError
 
-_PUBLISH = """
+_PUBLISH = (
+    XADD_ENTRY
+    + """
 -- KEYS[1] idempotency record (unused without a key), KEYS[2] prompts stream, KEYS[3] counters,
 -- KEYS[4] prompt-id registry. ARGV[1] ttl, ARGV[2] request fingerprint, ARGV[3] '1' with a key,
 -- ARGV[4] prompt ids (JSON), ARGV[5] the accepted counter, then (prompt id, item fingerprint,
@@ -61,7 +64,7 @@ for a = 6, #ARGV, 4 do
     ids[#ids + 1] = known[a]
     replayed[#replayed + 1] = ARGV[a]
   else
-    local id = redis.call('XADD', KEYS[2], '*', 'k', ARGV[a + 2], 'd', ARGV[a + 3])
+    local id = xadd_entry(KEYS[2], ARGV[a + 2], ARGV[a + 3])
     redis.call('HSET', KEYS[4], ARGV[a], ARGV[a + 1] .. ' ' .. id)
     ids[#ids + 1] = id
     fresh = fresh + 1
@@ -73,6 +76,7 @@ local record = cjson.encode({fp = ARGV[2], prompt_ids = cjson.decode(ARGV[4]), e
 if ARGV[3] == '1' then redis.call('SET', KEYS[1], record, 'EX', ARGV[1]) end
 return {1, record}
 """
+)
 
 
 def fingerprint(payload: Any) -> str:
@@ -127,7 +131,7 @@ class PromptPublisher:
         )
         status = int(reply[0])
         if status == -1:
-            taken, entry = (x.decode() if isinstance(x, bytes) else str(x) for x in reply[1:3])
+            taken, entry = (as_text(x) for x in reply[1:3])
             index = next(i for i, p in enumerate(prompts) if p.prompt_id == taken)
             raise ApiError(
                 409,

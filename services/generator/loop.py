@@ -51,7 +51,7 @@ from conspo.protocol import (
     RolloutGroup,
     SamplingParams,
 )
-from conspo.queue import Commit, Delivery, StreamQueue
+from conspo.queue import Commit, Delivery, StreamQueue, depths
 from conspo.service import ServiceRuntime
 from conspo.settings import GeneratorSettings
 from services.generator.backends.base import (
@@ -265,28 +265,9 @@ class GeneratorLoop:
     def downstream_backlog(self) -> int:
         """Groups waiting downstream: rollouts not yet verified + labeled not yet read.
 
-        One pipelined round trip (XINFO GROUPS of both streams) per check; Redis < 7 reports no
-        ``lag``, and then ``StreamQueue.backlog`` computes it the slow way."""
-        pipe = self.runtime.client.pipeline(transaction=False)
-        pipe.xinfo_groups(self.rollouts.key)
-        pipe.xinfo_groups(self.labeled.key)
-        replies = pipe.execute(raise_on_error=False)
-        counts: list[tuple[int, int]] = []
-        for queue, reply in zip((self.rollouts, self.labeled), replies, strict=True):
-            if isinstance(reply, Exception):  # the stream does not exist yet: nothing waits
-                counts.append((0, 0))
-                continue
-            info = next((g for g in reply if _text(g["name"]) == queue.group), None)
-            if info is None:
-                length = int(self.runtime.client.xlen(queue.key))
-                counts.append((length, 0))
-            elif info.get("lag") is None:
-                backlog = queue.backlog()
-                counts.append((backlog.lag, backlog.pending))
-            else:
-                counts.append((int(info["lag"]), int(info["pending"])))
-        (r_lag, r_pending), (l_lag, _) = counts
-        return r_lag + r_pending + l_lag
+        One pipelined round trip per check (``conspo.queue.depths``)."""
+        rollouts, labeled = depths([self.rollouts, self.labeled])
+        return rollouts.lag + rollouts.pending + labeled.lag
 
     def _admission_wait(self) -> tuple[str, float] | None:
         backlog = self.downstream_backlog()
@@ -481,7 +462,3 @@ class GeneratorLoop:
         if self.weights is not None and self.weights.last_error:
             info["weight_sync_error"] = self.weights.last_error[:200]
         self.runtime.info.update(info)
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
