@@ -9,7 +9,7 @@ writes nothing and just acks).
 
 Redis' own errors do not say which key they are about ("no such key"), so the reading and
 housekeeping calls re-raise them with the stream's name; a stream that does not exist yet is
-simply empty to ``trim`` and ``prune_consumers``, not an error.
+simply empty to ``trim``, ``release_dead`` and ``forget_dead``, not an error.
 
 Entries carry two fields: ``k`` (the item's idempotency key, readable even when the payload is
 not) and ``d`` (the msgpack payload of ``conspo.protocol``). Undecodable entries and entries that
@@ -120,6 +120,14 @@ for i = 4, #KEYS do
   redis.call('HDEL', KEYS[2], ARGV[a + 2])
 end
 return #KEYS - 3
+"""
+
+
+_FORGET_CONSUMER = """
+-- KEYS[1] stream. ARGV: group, consumer. XGROUP DELCONSUMER throws a consumer's pending entries
+-- away with it, so it runs only when the consumer holds none, checked in the same atomic call.
+if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) > 0 then return -1 end
+return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
 """
 
 
@@ -296,6 +304,7 @@ class StreamQueue(Generic[M]):
         self._commit = client.register_script(_COMMIT)
         self._dead = client.register_script(_DEAD)
         self._mark_and_ack = client.register_script(_MARK_AND_ACK)
+        self._forget_consumer = client.register_script(_FORGET_CONSUMER)
 
     @contextlib.contextmanager
     def _about(self) -> Iterator[None]:
@@ -485,14 +494,9 @@ class StreamQueue(Generic[M]):
         name and could not take its predecessor's entries for a minute. Wrongly calling a live
         consumer gone costs duplicate work only: its late commit finds the marker. Returns how
         many entries were handed back."""
-        if not self._exists():
-            return 0
-        with self._about():
-            consumers = self.client.xinfo_consumers(self.key, self.group)
         released = 0
-        for info in consumers:
-            name = _s(info["name"])
-            if int(info["pending"]) == 0 or name in (me, RELEASED) or alive(name):
+        for name, pending in self._gone(alive, me):
+            if not pending:
                 continue
             rows = self.client.xpending_range(self.key, self.group, "-", "+", 10_000, name)
             ids = [_s(r["message_id"]) for r in rows]
@@ -501,6 +505,38 @@ class StreamQueue(Generic[M]):
                 released += len(ids)
                 log.info("%s: handed back %d entries of %s (gone)", self.name, len(ids), name)
         return released
+
+    def forget_dead(self, alive: Callable[[str], bool], *, me: str) -> int:
+        """Remove from the group the consumers ``alive`` says are gone and that hold nothing:
+        every restart names a new consumer, and without this each one would stay in the group
+        forever. A consumer that still holds entries is kept (removing it would drop them from
+        the group's pending list, where nobody could reclaim them) until ``release_dead`` has
+        handed them back; the check and the removal are one atomic script. Wrongly calling a
+        live consumer gone is harmless: it holds nothing, and its next read recreates it.
+        Returns how many consumers were removed."""
+        removed = 0
+        for name, pending in self._gone(alive, me):
+            if pending:
+                continue
+            with self._about():
+                if int(self._forget_consumer(keys=[self.key], args=[self.group, name])) >= 0:
+                    removed += 1
+                    log.info("%s: removed consumer %s (gone, held nothing)", self.name, name)
+        return removed
+
+    def _gone(self, alive: Callable[[str], bool], me: str) -> list[tuple[str, int]]:
+        """``(consumer, pending count)`` of the group's consumers that are neither ``me``, nor
+        the pseudo-consumer of handed-back entries, nor ``alive``."""
+        if not self.group or not self._exists():
+            return []
+        with self._about():
+            consumers = self.client.xinfo_consumers(self.key, self.group)
+        out = []
+        for info in consumers:
+            name = _s(info["name"])
+            if name not in (me, RELEASED) and not alive(name):
+                out.append((name, int(info["pending"])))
+        return out
 
     def dead_letter(
         self,
@@ -633,19 +669,6 @@ class StreamQueue(Generic[M]):
             else:
                 return 0
         return int(self.client.xtrim(self.key, minid=f"{floor[0]}-{floor[1]}", approximate=False))
-
-    def prune_consumers(self, idle_s: float = 3600.0) -> int:
-        """Forget consumers that hold nothing and were idle for ``idle_s`` (dead replicas)."""
-        if not self._exists():
-            return 0
-        removed = 0
-        with self._about():
-            consumers = self.client.xinfo_consumers(self.key, self.group)
-        for info in consumers:
-            if int(info["pending"]) == 0 and int(info["idle"]) > idle_s * 1000:
-                self.client.xgroup_delconsumer(self.key, self.group, _s(info["name"]))
-                removed += 1
-        return removed
 
     # -- internals ------------------------------------------------------------------------------
     def _run_commit(

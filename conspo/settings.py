@@ -101,6 +101,12 @@ class CommonSettings(BaseSettings):
     max_deliveries: int = Field(default=5, ge=1)
     visibility_timeout_s: float = Field(default=60.0, gt=0)
     heartbeat_s: float = Field(default=2.0, gt=0)
+    forget_gone_after_s: float = Field(
+        default=3600.0,
+        gt=0,
+        description="How long a gone instance's heartbeat (its status and last error) stays "
+        "listed in /v1/status before it is forgotten.",
+    )
     retain_entries: int = Field(
         default=10_000, ge=0, description="Acked entries kept per stream for lineage queries."
     )

@@ -3,7 +3,7 @@
 Counters are HINCRBY on one hash so any replica can add to them without coordination; the api
 reads the whole hash in one call. Heartbeats carry each instance's status and last error, and an
 instance whose heartbeat is older than a few intervals is reported as gone, not deleted, so a
-crash stays visible.
+crash stays visible; only after ``forget_gone_after_s`` is its heartbeat forgotten.
 
 ``waiting`` (a JSON ``Waiting`` in the state hash) is the learner's own account of why no step is
 happening; it is written while the learner waits longer than ``waiting_after_s`` and deleted by
@@ -116,7 +116,7 @@ class RunStore:
         ]
 
     def forget_stale(self, older_than_s: float) -> int:
-        """Drop heartbeats older than ``older_than_s`` (called rarely, e.g. by the api)."""
+        """Drop heartbeats older than ``older_than_s`` (``ServiceRuntime.forget_the_long_gone``)."""
         now = time.time()
         stale = [
             f"{b.service}:{b.instance}" for b in self.heartbeats() if now - b.at > older_than_s

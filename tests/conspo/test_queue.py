@@ -14,6 +14,7 @@ import redis
 from conspo.keys import Keys
 from conspo.protocol import DeadLetter, Prompt, decode
 from conspo.queue import (
+    RELEASED,
     Backlog,
     Commit,
     StreamQueue,
@@ -267,7 +268,7 @@ def test_commit_many_is_one_commit_per_item(redis_client, keys):
 
 def test_a_stream_not_created_yet_is_empty_and_errors_name_the_stream(redis_client, keys):
     q, _ = queues(redis_client, keys)
-    assert q.trim() == 0 and q.prune_consumers() == 0  # nothing published: nothing to do
+    assert q.trim() == 0 and q.forget_dead(lambda _: False, me="c") == 0  # nothing to do
     assert not redis_client.exists(q.key)  # and nothing was created by looking
     redis_client.set(q.key, "not a stream")
     with pytest.raises(redis.ResponseError, match=rf"^stream {q.key}: WRONGTYPE"):
@@ -337,3 +338,40 @@ def test_entry_ids_as_clients_send_them():
     assert previous_entry_id("12-3") == "12-2"
     assert previous_entry_id("12-0") == f"11-{2**64 - 1}"
     assert previous_entry_id("0-0") is None and previous_entry_id("x") is None
+
+
+def consumers(client: redis.Redis, q: StreamQueue) -> dict[str, int]:
+    return {c["name"].decode(): int(c["pending"]) for c in client.xinfo_consumers(q.key, q.group)}
+
+
+def test_gone_consumers_leave_the_group_once_they_hold_nothing(redis_client, keys):
+    q, _ = queues(redis_client, keys, visibility_timeout_s=600)
+    for i in range(5):
+        q.publish(prompt(i), f"p-{i}")
+    q.ack(*q.read("gone-idle", count=1, block_ms=None))  # finished its work, then died
+    held = q.read("gone-busy", count=2, block_ms=None)  # died holding two entries
+    q.read("alive-1", count=1, block_ms=None)
+    q.read("me", count=1, block_ms=None)
+    alive = {"alive-1"}.__contains__
+    assert q.forget_dead(alive, me="me") == 1  # only the one that holds nothing
+    assert consumers(redis_client, q) == {"gone-busy": 2, "alive-1": 1, "me": 1}
+    assert q.release_dead(alive, me="me") == 2
+    assert q.forget_dead(alive, me="me") == 1
+    # The handed-back entries wait with the pseudo-consumer, which is never removed.
+    assert consumers(redis_client, q) == {RELEASED: 2, "alive-1": 1, "me": 1}
+    again = q.read("me", count=5, block_ms=None)
+    assert sorted(d.entry_id for d in again) == sorted(d.entry_id for d in held)  # nothing lost
+    assert q.forget_dead(alive, me="me") == 0
+
+
+def test_a_consumer_holding_entries_is_never_removed_whatever_the_caller_saw(
+    redis_client, keys, monkeypatch
+):
+    """The check and the removal are one script: a consumer that read entries after the list of
+    gone consumers was taken (pending 0 there) keeps them."""
+    q, _ = queues(redis_client, keys)
+    q.publish(prompt(1), "p-1")
+    (d,) = q.read("late-reader", count=1, block_ms=None)
+    monkeypatch.setattr(q, "_gone", lambda alive, me: [("late-reader", 0)])  # a stale view
+    assert q.forget_dead(lambda _: False, me="me") == 0
+    assert q.pending() == {d.entry_id: "late-reader"}
