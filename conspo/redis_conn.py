@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import shutil
 import socket
 import subprocess
@@ -127,8 +126,12 @@ def local_server(
 
 @contextlib.contextmanager
 def reachable_or_local(url: str | None) -> Iterator[str]:
-    """Use ``url`` (or $CONSPO_REDIS_URL) if it answers, else start a private server."""
-    url = url or os.environ.get("CONSPO_REDIS_URL")
+    """Use ``url`` (or the configured ``redis_url``: $CONSPO_REDIS_URL or the settings file)
+    if it answers, else start a private server."""
+    if not url:
+        from conspo.settings import CommonSettings, load
+
+        url = load(CommonSettings).configured_redis_url
     if url and ping(url):
         yield url
         return

@@ -24,8 +24,10 @@ from pydantic import BaseModel, Field, ValidationError
 from conspo.keys import Keys
 from conspo.protocol import DecodeError, Heartbeat, decode, encode
 from conspo.redis_conn import as_text
+from conspo.settings import RunSettings
 
 WAITING_FIELD = "waiting"
+POLICY_VERSION_FIELD = "policy_version"  # the learner's version: what generators must serve
 
 
 class Waiting(BaseModel):
@@ -92,8 +94,23 @@ class RunStore:
         raw = self.client.hget(self.keys.state, WAITING_FIELD)
         return parse_waiting(raw) if raw is not None else None
 
+    def announce_run(self, run: RunSettings) -> None:
+        """The learner, at start-up: what every generator must match (see ``RunSettings``)."""
+        self.client.hset(self.keys.state, mapping={k: str(v) for k, v in run.model_dump().items()})
+
+    def announced_run(self) -> RunSettings | None:
+        """What the learner announced; None before it has (or for a foreign writer's values)."""
+        names = list(RunSettings.model_fields)
+        values = dict(zip(names, self.client.hmget(self.keys.state, names), strict=True))
+        if any(v is None for v in values.values()):
+            return None
+        try:
+            return RunSettings(**{k: as_text(v) for k, v in values.items()})
+        except ValidationError:
+            return None
+
     def policy_version(self) -> int:
-        raw = self.client.hget(self.keys.state, "policy_version")
+        raw = self.client.hget(self.keys.state, POLICY_VERSION_FIELD)
         return int(raw) if raw is not None else 0
 
     # -- heartbeats ------------------------------------------------------------------------------

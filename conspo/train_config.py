@@ -35,17 +35,21 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from conspo.benchmarks import BENCHMARKS, dataset_fields, default_format
+from conspo.launch import KNOBS as STACK_KNOBS
 from conspo.rows import PromptFormat
 from conspo.settings import (
     ApiSettings,
     GeneratorSettings,
     LearnerSettings,
+    RunSettings,
     SettingsError,
     VerifierSettings,
     file_values,
+    known_eval_set,
+    known_objective,
     read_config_file,
 )
 
@@ -55,23 +59,17 @@ SERVICE_SETTINGS = {
     "verifier": VerifierSettings,
     "learner": LearnerSettings,
 }
-#: knob -> the service settings it sets (the first one is read from env and file).
+#: knob -> the service settings it sets (the first one is read from env and file): the local
+#: stack's knobs (``conspo.launch.KNOBS``, ``model`` there is ``model_path``), and the learner
+#: settings only ``conspo train`` exposes.
 KNOBS: dict[str, tuple[tuple[str, str], ...]] = {
-    "model": (("learner", "model_path"), ("generator", "model_path")),
-    "objective": (("learner", "objective"),),
-    "steps": (("learner", "total_steps"),),
-    "backend": (("generator", "backend"),),
-    "batch_groups": (("learner", "batch_groups"), ("generator", "batch_groups")),
-    "group_size": (("generator", "group_size"),),
-    "lr": (("learner", "lr"),),
-    "temperature": (("generator", "temperature"),),
-    "max_tokens": (("generator", "max_tokens"),),
-    "max_staleness": (("learner", "max_staleness"), ("generator", "max_staleness")),
-    "seed": (("learner", "seed"), ("generator", "seed")),
-    "checkpoint_every": (("learner", "checkpoint_every"),),
+    "model": STACK_KNOBS["model_path"],
+    **{
+        name: targets
+        for name, targets in STACK_KNOBS.items()
+        if name not in ("model_path", "threads")
+    },
     "eval": (("learner", "eval_set"),),
-    "eval_every": (("learner", "eval_every"),),
-    "eval_samples": (("learner", "eval_samples"),),
     "eval_k": (("learner", "eval_k"),),
     "eval_max_tokens": (("learner", "eval_max_tokens"),),
     "tracking": (("learner", "tracking"),),
@@ -139,6 +137,16 @@ class TrainConfig(BaseModel):
     )
     threads: int = Field(default=1, ge=1)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("objective")
+    @classmethod
+    def _known_objective(cls, name: str) -> str:
+        return known_objective(name)
+
+    @field_validator("eval")
+    @classmethod
+    def _known_eval_set(cls, name: str | None) -> str | None:
+        return None if name is None else known_eval_set(name)
 
     @property
     def run_name(self) -> str:
@@ -215,6 +223,8 @@ def service_overrides(raw: dict[str, Any]) -> dict[str, dict[str, str]]:
     for targets in KNOBS.values():
         for service, setting in targets:
             owned[service].add(setting)
+            if service == "learner" and setting in RunSettings.model_fields:
+                owned["generator"].add(setting)  # generators follow the learner's knob
     out: dict[str, dict[str, str]] = {}
     for service, cls in SERVICE_SETTINGS.items():
         in_file = file_values(raw, service)

@@ -53,7 +53,7 @@ from conspo.protocol import (
 )
 from conspo.queue import Commit, Delivery, StreamQueue, depths
 from conspo.service import ServiceRuntime
-from conspo.settings import GeneratorSettings
+from conspo.settings import GeneratorSettings, RunSettingsMismatchError, check_run_settings
 from services.generator.backends.base import (
     Backend,
     BackendDeadError,
@@ -126,6 +126,8 @@ class GeneratorLoop:
         self._last_dead_check = 0.0
         self._no_budget_since: float | None = None
         self._no_budget_logged = 0.0
+        self._last_learner_check = -1e9
+        self._told: set[str] = set()
         runtime.on_beat.append(lambda: self.flow.renew(self.instance))
 
     # -- running ----------------------------------------------------------------------------------
@@ -141,7 +143,7 @@ class GeneratorLoop:
                     self.step()
                     if self.runtime.error_count == errors:
                         self.runtime.recovered()
-                except BackendDeadError:
+                except (BackendDeadError, RunSettingsMismatchError):
                     raise
                 except redis.RedisError as exc:
                     self.runtime.error(f"redis error: {type(exc).__name__}: {exc}")
@@ -163,6 +165,7 @@ class GeneratorLoop:
         self.apply_staged_weights()
         self._trim_prompts()
         self._hand_back_from_the_dead()
+        self._check_learner()
         waited = self._admission_wait()
         if waited is not None:
             reason, seconds = waited
@@ -197,6 +200,20 @@ class GeneratorLoop:
         self._last_trim = now
         self.prompts.trim(keep_last=self.settings.retain_entries)
 
+    def _check_learner(self, every_s: float = 5.0) -> None:
+        """The learner may (re)start with other run settings while we serve: an explicit
+        disagreement, or a weight dtype we cannot follow without a restart, ends this
+        generator (``RunSettingsMismatchError``, exit code 2) rather than generating under
+        other limits or stalling on pushes it must refuse."""
+        now = time.monotonic()
+        if now - self._last_learner_check < every_s:
+            return
+        self._last_learner_check = now
+        for change in check_run_settings(self.settings, self.runtime.store.announced_run()):
+            if change not in self._told:
+                self._told.add(change)
+                log.warning("run settings changed: %s", change)
+
     def _say_why_no_budget(self, now: float, after_s: float = 10.0, every_s: float = 60.0) -> None:
         """Flow control can hold a generator back for long (the learner is busy, or waits for
         weights to reach us): say so in the log instead of going quiet."""
@@ -206,15 +223,22 @@ class GeneratorLoop:
         if waited < after_s or now - self._no_budget_logged < every_s:
             return
         self._no_budget_logged = now
-        fields = self.runtime.store.fields()  # the learner's numbers are the ones enforced
-        learner = int(fields.get("policy_version", 0))
+        run = self.runtime.store.announced_run()  # the learner's numbers are the ones enforced
+        if run is None and self.settings.batch_groups is None:
+            log.info(
+                "no generation budget for %.0f s: waiting for the learner to announce "
+                "batch_groups and max_staleness (this generator follows the learner's)",
+                waited,
+            )
+            return
+        learner = self.runtime.store.policy_version()
         log.info(
             "no generation budget for %.0f s (serving v%d, learner at v%d, max_staleness %s): "
             "waiting for the learner to consume what is in flight%s",
             waited,
             self.served_version,
             learner,
-            fields.get("max_staleness", self.settings.max_staleness),
+            run.max_staleness if run is not None else self.settings.max_staleness,
             " or for newer weights" if learner - self.served_version > 0 else "",
         )
 

@@ -43,7 +43,7 @@ from conspo.flow import FlowControl
 from conspo.lineage import LEARN, learn_marker
 from conspo.protocol import LabeledGroup
 from conspo.queue import StreamQueue
-from conspo.settings import LearnerSettings
+from conspo.settings import LearnerSettings, RunSettings
 from conspo.state import Waiting
 from services.learner.batcher import SKIPPED, Batcher, Decided
 from services.learner.checkpoint import (
@@ -252,7 +252,7 @@ class Learner:
         self.flow = FlowControl(
             self.client, s.keys, batch_groups=s.batch_groups, max_staleness=s.max_staleness
         )
-        self.flow.publish_limits(batch_groups=s.batch_groups, max_staleness=s.max_staleness)
+        self.store.announce_run(RunSettings.of(s))
         if ckpt:
             self.consumed_total = ckpt.state.consumed_total
             self.counters.update({k: v for k, v in ckpt.state.counters.items() if k in COUNTERS})

@@ -23,7 +23,7 @@ from collections.abc import Callable
 import redis
 
 from conspo import counters
-from conspo.grading.config import GradeConfig, GradeItem
+from conspo.grading.config import GradeItem
 from conspo.lineage import VERIFY
 from conspo.protocol import LabeledGroup, RolloutGroup
 from conspo.queue import Commit, StreamQueue
@@ -34,16 +34,6 @@ from services.verifier.metrics import VerifierMetrics
 from services.verifier.pool import GradingPool, PoolError, load_plugin
 
 log = logging.getLogger(__name__)
-
-
-def grade_config(settings: VerifierSettings) -> GradeConfig:
-    return GradeConfig(
-        correct_reward=settings.correct_reward,
-        wrong_reward=settings.wrong_reward,
-        no_answer_reward=settings.no_answer_reward,
-        error_reward=settings.error_reward,
-        scan_chars=settings.scan_chars,
-    )
 
 
 def offered_verifiers(plugins: list[str]) -> list[str]:
@@ -62,7 +52,7 @@ def make_pool(settings: VerifierSettings) -> GradingPool:
     return GradingPool(
         processes=settings.processes,
         timeout_s=settings.timeout_s,
-        config=grade_config(settings),
+        config=settings.grade_config,
         plugins=settings.plugins,
         memory_limit_mb=settings.memory_limit_mb,
     )

@@ -575,7 +575,8 @@ def check_books(accounting: dict[str, int], fates: dict[str, str]) -> Counter:
 CHAOS_ENV: dict[str, dict[str, str]] = {
     # Keep every entry so that trace_fates can follow each prompt; heartbeat every second.
     "all": {"CONSPO_RETAIN_ENTRIES": "1000000", "CONSPO_HEARTBEAT_S": "1"},
-    # A push to a hung (SIGSTOPped) generator gives up after 10 s. A dead generator is let go
+    # A push to a hung (SIGSTOPped) generator gives up after 10 s (a run setting: learner and
+    # generators must agree, conspo.settings.RunSettings). A dead generator is let go
     # by the defaults (its registration lapses 3 beats after its last, its flow lease is
     # renewed by the heartbeat and expires 10 s later, its prompts are handed back once its
     # heartbeat is 5 beats old): the suite checks the defaults, not a tuned stack.
