@@ -5,7 +5,7 @@
 the other ranks as these, never as raw stream entries, so the other ranks need no Redis.
 
 Work is always cut along group boundaries, because a group's objective couples its completions
-(``docs/conspo.md`` section 8): ranks receive whole groups (greedy balancing by padded tokens,
+(item 8 of the ConSPO section of the design note, ``../shared/design/conspo.md``): ranks receive whole groups (greedy balancing by padded tokens,
 deterministic so every rank computes every rank's share without talking), and each rank's
 groups are cut into micro-batches of whole groups under ``token_budget`` padded tokens (rows x
 longest row, which is what a forward pass really allocates). A group larger than the budget
