@@ -19,6 +19,7 @@ from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -396,6 +397,11 @@ def known_eval_set(name: str) -> str:
     return name
 
 
+#: Names checked against their registries when the settings load, not when the model is built.
+ObjectiveName = Annotated[str, AfterValidator(known_objective)]
+EvalSetName = Annotated[str, AfterValidator(known_eval_set)]
+
+
 class LearnerSettings(CommonSettings, RunSettings):
     """The learner's settings; the ``RunSettings`` among them it announces to the generators."""
 
@@ -404,7 +410,7 @@ class LearnerSettings(CommonSettings, RunSettings):
     model_path: Path | None = Field(default=None, description="None: the bundled tiny model.")
     ref_model_path: Path | None = None
     device: str = "auto"
-    objective: str = "conspo"
+    objective: ObjectiveName = "conspo"
     objective_params: dict[str, float | int | bool | str] = Field(default_factory=dict)
     tau: float = Field(default=10.0, gt=0)
     margin: float = Field(default=0.01, ge=0, description="Target curriculum margin M.")
@@ -428,7 +434,7 @@ class LearnerSettings(CommonSettings, RunSettings):
     weight_sync_host: str = "127.0.0.1"
     weight_sync_port: int = Field(default=0, ge=0, le=65535, description="0: pick a free port.")
     eval_every: int = Field(default=0, ge=0, description="0: no periodic evaluation.")
-    eval_set: str = Field(
+    eval_set: EvalSetName = Field(
         default="arith", description="arith or a benchmark of conspo.benchmarks (gsm8k, ...)."
     )
     eval_prompt_format: PromptFormat | None = Field(
@@ -493,16 +499,6 @@ class LearnerSettings(CommonSettings, RunSettings):
     tensorboard_dir: Path | None = Field(
         default=None, description="None: <run directory>/tensorboard."
     )
-
-    @field_validator("objective")
-    @classmethod
-    def _known_objective(cls, name: str) -> str:
-        return known_objective(name)
-
-    @field_validator("eval_set")
-    @classmethod
-    def _known_eval_set(cls, name: str) -> str:
-        return known_eval_set(name)
 
     @model_validator(mode="after")
     def _push_often_enough(self) -> LearnerSettings:

@@ -35,6 +35,22 @@ def delete_run(client: redis.Redis, run: str, prefix: str = "conspo") -> int:
     return len(keys)
 
 
+def heavy_imports(statements: str, heavy: Sequence[str], timeout: float = 120.0) -> list[str]:
+    """The modules of the ``heavy`` packages that running ``statements`` in a fresh interpreter
+    imports (the check that a light process stays light); raises if the statements fail."""
+    script = (
+        f"{statements}\nimport sys\n"
+        f"print('\\n'.join(sorted(m for m in sys.modules if m.split('.')[0] in {tuple(heavy)!r})))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True,
+        timeout=timeout,
+    )  # fmt: skip
+    if out.returncode != 0:
+        raise RuntimeError(f"the statements failed:\n{out.stderr}")
+    return out.stdout.split()
+
+
 def spawn(
     args: Sequence[str], *, env: dict[str, str] | None = None, log: Path | None = None
 ) -> subprocess.Popen:

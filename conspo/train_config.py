@@ -35,21 +35,21 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from conspo.benchmarks import BENCHMARKS, dataset_fields, default_format
 from conspo.launch import KNOBS as STACK_KNOBS
 from conspo.rows import PromptFormat
 from conspo.settings import (
     ApiSettings,
+    EvalSetName,
     GeneratorSettings,
     LearnerSettings,
+    ObjectiveName,
     RunSettings,
     SettingsError,
     VerifierSettings,
     file_values,
-    known_eval_set,
-    known_objective,
     read_config_file,
 )
 
@@ -105,7 +105,7 @@ class TrainConfig(BaseModel):
     system_prompt: str | None = None
     chat: Literal["auto", "on", "off"] = "auto"
     verifier: str = "math"
-    objective: str = "conspo"
+    objective: ObjectiveName = "conspo"
     steps: int = Field(default=100, ge=1)
     backend: Literal["hf", "vllm"] = "hf"
     generators: int = Field(default=1, ge=1)
@@ -118,7 +118,7 @@ class TrainConfig(BaseModel):
     max_staleness: int = Field(default=1, ge=0)
     seed: int = 0
     checkpoint_every: int = Field(default=10, ge=1)
-    eval: str | None = None
+    eval: EvalSetName | None = None
     eval_every: int | None = Field(default=None, ge=0, description="None: steps // 4.")
     eval_samples: int = Field(default=200, ge=1)
     eval_k: int = Field(default=4, ge=1)
@@ -137,16 +137,6 @@ class TrainConfig(BaseModel):
     )
     threads: int = Field(default=1, ge=1)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-
-    @field_validator("objective")
-    @classmethod
-    def _known_objective(cls, name: str) -> str:
-        return known_objective(name)
-
-    @field_validator("eval")
-    @classmethod
-    def _known_eval_set(cls, name: str | None) -> str | None:
-        return None if name is None else known_eval_set(name)
 
     @property
     def run_name(self) -> str:
