@@ -32,7 +32,7 @@ from conspo.counters import API_PROMPTS_ACCEPTED, API_PROMPTS_FED
 from conspo.keys import Keys
 from conspo.lineage import GENERATE, LEARN, VERIFY, group_id_for, parse_learn_marker
 from conspo.protocol import DeadLetter, Message
-from conspo.queue import StreamQueue, depths
+from conspo.queue import StreamQueue, depths, markers
 from conspo.redis_conn import as_text
 from conspo.state import RunStore
 
@@ -118,21 +118,19 @@ def fates(client: redis.Redis, keys: Keys) -> dict[str, str]:
     for i in range(0, len(prompts), 500):
         chunk = prompts[i : i + 500]
         gids = [group_id_for(e) for e in chunk]
-        pipe = client.pipeline(transaction=False)
+        wanted = []
         for e, g in zip(chunk, gids, strict=True):
-            pipe.get(keys.done(LEARN, g))
-            pipe.exists(keys.done(VERIFY, g))
-            pipe.exists(keys.done(GENERATE, e))
-        replies = pipe.execute()
+            wanted += [(LEARN, g), (VERIFY, g), (GENERATE, e)]
+        replies = markers(client, keys, wanted)
         for j, (e, g) in enumerate(zip(chunk, gids, strict=True)):
             learned, verified, generated = replies[3 * j : 3 * j + 3]
             if learned is not None:
-                out[e] = parse_learn_marker(as_text(learned))[0]
+                out[e] = parse_learn_marker(learned)[0]
             elif e in dead_prompts or g in dead_groups:
                 out[e] = "dead"
-            elif verified:
+            elif verified is not None:
                 out[e] = "queued" if g in open_groups["labeled"] else "lost@learn"
-            elif generated:
+            elif generated is not None:
                 out[e] = "queued" if g in open_groups["rollouts"] else "lost@verify"
             else:
                 out[e] = "queued" if e in open_prompts else "lost@generate"

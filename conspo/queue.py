@@ -234,6 +234,16 @@ def depths(queues: Sequence[StreamQueue]) -> list[Backlog]:
     return out
 
 
+def markers(client: redis.Redis, keys: Keys, wanted: Sequence[tuple[str, str]]) -> list[str | None]:
+    """The idempotency marker of each ``(stage, item)`` (what the stage's commit recorded: an
+    output entry id, or the learner's outcome), None where the stage has not committed it; one
+    round trip."""
+    pipe = client.pipeline(transaction=False)
+    for stage, item in wanted:
+        pipe.get(keys.done(stage, item))
+    return [None if v is None else as_text(v) for v in pipe.execute()]
+
+
 _ENTRY_ID = re.compile(r"^(\d{1,20})-(\d{1,20})$")
 _MAX_PART = 2**64 - 1
 

@@ -18,8 +18,7 @@ from fastapi import Depends, Path
 
 from conspo.lineage import GENERATE, LEARN, VERIFY, parse_learn_marker, prompt_entry_of
 from conspo.protocol import DeadLetter, LabeledGroup, M, Prompt, RolloutGroup
-from conspo.queue import Entry, parse_entry_id
-from conspo.redis_conn import as_text
+from conspo.queue import Entry, markers, parse_entry_id
 from services.api.auth import v1_router
 from services.api.context import AppContext, get_ctx
 from services.api.errors import ApiError, error_responses
@@ -105,12 +104,11 @@ def lineage(ctx: AppContext, group_id: str) -> RolloutLineage:
             f"{group_id[:100]!r} is not a group id (expected g-<prompt entry id>)",
         )
     notes: list[str] = []
-    client, keys = ctx.client, ctx.keys
-    pipe = client.pipeline(transaction=False)
-    pipe.get(keys.done(GENERATE, prompt_entry))
-    pipe.get(keys.done(VERIFY, group_id))
-    pipe.get(keys.done(LEARN, group_id))
-    generated, verified, learned = (None if v is None else as_text(v) for v in pipe.execute())
+    generated, verified, learned = markers(
+        ctx.client,
+        ctx.keys,
+        [(GENERATE, prompt_entry), (VERIFY, group_id), (LEARN, group_id)],
+    )
 
     prompt = read_entry(ctx, "prompts", prompt_entry, Prompt, notes)
     rollout_view: RolloutView | None = None
