@@ -139,7 +139,6 @@ class LocalStack:
         self.token = secrets.token_urlsafe(24)
         self.api_port = free_port()
         self.procs: list[Proc] = []
-        self.started_at = 0.0
 
     # -- configuration ---------------------------------------------------------------------------
     def env_for(self, service: str) -> dict[str, str]:
@@ -200,7 +199,6 @@ class LocalStack:
         self.cfg.out_dir.mkdir(parents=True, exist_ok=True)
         if fresh:
             delete_run(self.client, self.cfg.run)
-        self.started_at = time.monotonic()
         self._add("api", 0).start()
         self._add("learner", 0).start()
         for i in range(self.cfg.verifiers):
