@@ -159,7 +159,7 @@ def test_names_are_checked_against_their_registries_when_the_settings_load():
     with pytest.raises(SettingsError) as err:
         load(LearnerSettings, objective="conspoo", eval_set="gsm9k")
     text = str(err.value)
-    assert "unknown objective 'conspoo'; valid: conspo, grpo" in text
+    assert "unknown objective 'conspoo'; valid: conspo, " in text and "grpo" in text
     assert "unknown eval set 'gsm9k'; valid: arith" in text and "gsm8k" in text
     assert load(LearnerSettings, objective="grpo", eval_set="gsm8k").eval_set == "gsm8k"
 
