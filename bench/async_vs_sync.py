@@ -64,7 +64,8 @@ from _common import (
 )
 
 from conspo.launch import LocalStack
-from conspo.protocol import DecodeError, LabeledGroup, RolloutGroup, decode
+from conspo.protocol import LabeledGroup, RolloutGroup
+from conspo.queue import StreamQueue
 from conspo.redis_conn import reachable_or_local
 
 log = logging.getLogger("bench.async_vs_sync")
@@ -112,20 +113,12 @@ def engine_seconds(stack: LocalStack) -> dict[str, float]:
     (``gen_seconds`` is the wall time of the engine call that produced a group, shared by every
     group of that call; ``verify_seconds`` is already per group)."""
     c = stack.client
-    rollouts = []
-    for _, fields in c.xrange(stack.keys.stream("rollouts")):
-        try:
-            rollouts.append(decode(fields[b"d"], RolloutGroup))
-        except (DecodeError, KeyError):
-            continue
+    read = StreamQueue(c, stack.keys, "rollouts", RolloutGroup).entries()
+    rollouts = [e.message for e in read if e.message is not None]
     calls = Counter((g.generator_id, g.gen_seconds) for g in rollouts)
     gen = [g.gen_seconds / calls[(g.generator_id, g.gen_seconds)] for g in rollouts]
-    verify = []
-    for _, fields in c.xrange(stack.keys.stream("labeled")):
-        try:
-            verify.append(decode(fields[b"d"], LabeledGroup).verify_seconds)
-        except (DecodeError, KeyError):
-            continue
+    labeled = StreamQueue(c, stack.keys, "labeled", LabeledGroup).entries()
+    verify = [e.message.verify_seconds for e in labeled if e.message is not None]
     return {
         "gen_s_per_group": statistics.fmean(gen) if gen else float("nan"),
         "verify_s_per_group": statistics.fmean(verify) if verify else float("nan"),

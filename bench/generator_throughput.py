@@ -36,7 +36,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import describe, machine, median, table, write_json
 
-from conspo.flow import FlowControl
+from conspo import counters
 from conspo.protocol import Prompt, SamplingParams
 from conspo.queue import StreamQueue
 from conspo.redis_conn import reachable_or_local
@@ -102,14 +102,14 @@ def service(
         prompts_per_batch=args.batch,
         poll_ms=20,
         max_backlog=10**6,
-        batch_groups=10**6,
+        batch_groups=10**6,  # no learner here: the generator's own limits, a budget without end
+        max_staleness=0,
         seed=0,
         log_level="WARNING",
     )
     runtime = ServiceRuntime(settings, "generator")
     client, keys = runtime.client, runtime.keys
     try:
-        FlowControl(client, keys, batch_groups=10**6, max_staleness=0)  # budget: unlimited
         queue = StreamQueue(client, keys, "prompts", Prompt)
         queue.publish_many([(p, p.prompt_id) for p in prompts])
         loop = GeneratorLoop(runtime, settings, backend)
@@ -124,7 +124,7 @@ def service(
         seconds = time.perf_counter() - t0
         runtime.request_stop()
         thread.join(timeout=60)
-        tokens = int(client.hget(keys.counters, "generator.tokens") or 0)
+        tokens = int(client.hget(keys.counters, counters.GENERATOR_TOKENS) or 0)
         return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
     finally:
         runtime.request_stop()

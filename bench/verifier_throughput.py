@@ -41,6 +41,7 @@ import redis
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import header, loadavg, machine, result_paths, summary, table, write_json
 
+from conspo.counters import VERIFIER_VERDICT_PREFIX
 from conspo.keys import Keys
 from conspo.paths import shared_data_dir
 from conspo.protocol import Completion, Prompt, RolloutGroup, SamplingParams
@@ -201,7 +202,7 @@ def measure(
         "completions_per_s": completions / seconds,
         "startup_s": startup_s,
         "warmup_groups": published,
-        "verdicts": {k: v for k, v in counters.items() if k.startswith("verifier.verdict.")},
+        "verdicts": {k: v for k, v in counters.items() if k.startswith(VERIFIER_VERDICT_PREFIX)},
     }
 
 

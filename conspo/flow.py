@@ -24,8 +24,10 @@ The accounting lives in Redis so any number of generators share one budget:
   call takes, and a SIGKILLed generator's budget comes back within seconds.
 
 ``reserve`` runs as one Lua script: it reads the three, grants what fits, and records the lease.
-The learner publishes ``batch_groups`` and ``max_staleness`` in the state hash at start-up so the
-generators enforce the learner's numbers, not their own.
+The learner announces ``batch_groups`` and ``max_staleness`` in the state hash at start-up
+(``RunStore.announce_run``) and the script enforces those. A generator that follows the learner
+(its own left unset) gets no budget before the learner has announced; one with its own values
+(checked against the learner's: ``conspo.settings.check_run_settings``) uses them until then.
 """
 
 from __future__ import annotations
@@ -34,18 +36,26 @@ import time
 
 import redis
 
+from conspo import counters
 from conspo.keys import Keys
+from conspo.state import POLICY_VERSION_FIELD
 
-PRODUCED = "generator.groups"
-CONSUMED = "learner.groups_consumed"
+PRODUCED = counters.GENERATOR_GROUPS
+CONSUMED = counters.LEARNER_GROUPS_CONSUMED
 
 _RESERVE = """
--- KEYS: counters, leases, state. ARGV: instance, want, B, max_staleness, now, ttl, served version
-local produced = tonumber(redis.call('HGET', KEYS[1], 'generator.groups') or '0')
-local consumed = tonumber(redis.call('HGET', KEYS[1], 'learner.groups_consumed') or '0')
-local B = tonumber(redis.call('HGET', KEYS[3], 'batch_groups') or ARGV[3])
-local s = tonumber(redis.call('HGET', KEYS[3], 'max_staleness') or ARGV[4])
-local learner_version = tonumber(redis.call('HGET', KEYS[3], 'policy_version') or '0')
+-- KEYS: counters, leases, state. ARGV: instance, want, B, max_staleness ('' for B and s: only
+-- the learner's), now, ttl, served version, the names of the produced and consumed counters
+-- (conspo.counters), then the state fields batch_groups, max_staleness, policy_version.
+local produced = tonumber(redis.call('HGET', KEYS[1], ARGV[8]) or '0')
+local consumed = tonumber(redis.call('HGET', KEYS[1], ARGV[9]) or '0')
+local B = tonumber(redis.call('HGET', KEYS[3], ARGV[10]) or ARGV[3])
+local s = tonumber(redis.call('HGET', KEYS[3], ARGV[11]) or ARGV[4])
+if B == nil or s == nil then
+  redis.call('HDEL', KEYS[2], ARGV[1])
+  return {0, -2}
+end
+local learner_version = tonumber(redis.call('HGET', KEYS[3], ARGV[12]) or '0')
 local now = tonumber(ARGV[5])
 if learner_version - tonumber(ARGV[7]) > s then
   redis.call('HDEL', KEYS[2], ARGV[1])
@@ -94,8 +104,8 @@ class FlowControl:
         client: redis.Redis,
         keys: Keys,
         *,
-        batch_groups: int,
-        max_staleness: int,
+        batch_groups: int | None,
+        max_staleness: int | None,
         lease_ttl_s: float = 60.0,
     ) -> None:
         self.client = client
@@ -106,26 +116,28 @@ class FlowControl:
         self._reserve = client.register_script(_RESERVE)
         self._renew = client.register_script(_RENEW)
 
-    @property
-    def leases_key(self) -> str:
-        return f"{self.keys.base}:flow:leases"
-
     def reserve(self, instance: str, want: int, served_version: int) -> int:
         """How many groups ``instance`` may start now (0: wait). A second call replaces the lease.
 
         Returns 0 too when the instance's weights are more than ``max_staleness`` versions behind
-        the learner: it must apply the next push first.
+        the learner (it must apply the next push first), and while neither the learner nor this
+        instance has said what ``batch_groups`` and ``max_staleness`` are.
         """
         grant, _ = self._reserve(
-            keys=[self.keys.counters, self.leases_key, self.keys.state],
+            keys=[self.keys.counters, self.keys.flow_leases, self.keys.state],
             args=[
                 instance,
                 want,
-                self.batch_groups,
-                self.max_staleness,
+                "" if self.batch_groups is None else self.batch_groups,
+                "" if self.max_staleness is None else self.max_staleness,
                 time.time(),
                 self.lease_ttl_s,
                 served_version,
+                PRODUCED,
+                CONSUMED,
+                "batch_groups",  # RunSettings' field names, as RunStore.announce_run writes them
+                "max_staleness",
+                POLICY_VERSION_FIELD,
             ],
         )
         return int(grant)
@@ -133,11 +145,11 @@ class FlowControl:
     def renew(self, instance: str) -> bool:
         """Push back the expiry of ``instance``'s lease, if it holds one (heartbeat thread)."""
         expiry = time.time() + self.lease_ttl_s
-        return bool(self._renew(keys=[self.leases_key], args=[instance, expiry]))
+        return bool(self._renew(keys=[self.keys.flow_leases], args=[instance, expiry]))
 
     def release(self, instance: str) -> None:
         """Drop the lease once the batch is committed (its groups now count as produced)."""
-        self.client.hdel(self.leases_key, instance)
+        self.client.hdel(self.keys.flow_leases, instance)
 
     def consumed(self, n: int) -> None:
         """The learner is done with ``n`` more groups (trained, skipped or dropped)."""
@@ -148,10 +160,3 @@ class FlowControl:
         """The learner's checkpointed total: absolute, so replaying steps after a restart does
         not count their groups twice."""
         self.client.hset(self.keys.counters, CONSUMED, int(total))
-
-    def publish_limits(self, *, batch_groups: int, max_staleness: int) -> None:
-        """Called by the learner at start-up: generators enforce these numbers."""
-        self.client.hset(
-            self.keys.state,
-            mapping={"batch_groups": batch_groups, "max_staleness": max_staleness},
-        )

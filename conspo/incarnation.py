@@ -5,7 +5,7 @@ group and marker; without it, or after a FLUSHALL or an eviction, the run's keys
 and every service would carry on against empty streams: the api would report an ``idle`` run,
 counters would restart from zero, and nothing would say that work vanished.
 
-The run's *incarnation* is a random token stored under ``<run>:incarnation`` the first time any
+The run's *incarnation* is a random token stored under ``Keys.incarnation`` the first time any
 service (or the api) of the run talks to Redis (``SET NX``: whoever comes first writes it, the
 others adopt it). Each process remembers the token it adopted and compares it on every heartbeat.
 A missing or different value means the state the process was working with is gone. The process
@@ -30,15 +30,12 @@ from dataclasses import dataclass
 import redis
 
 from conspo.keys import Keys
+from conspo.redis_conn import as_text
 
 log = logging.getLogger(__name__)
 
 TOMBSTONE = "lost:"
 LOST = "redis state lost"
-
-
-def incarnation_key(keys: Keys) -> str:
-    return f"{keys.base}:incarnation"
 
 
 @dataclass(frozen=True)
@@ -52,8 +49,9 @@ class IncarnationState:
     detections: int = 0
 
 
-def _s(value: bytes | str | None) -> str | None:
-    return value.decode(errors="replace") if isinstance(value, bytes) else value
+def _get(client: redis.Redis, key: str) -> str | None:
+    raw = client.get(key)
+    return None if raw is None else as_text(raw)
 
 
 class Incarnation:
@@ -62,7 +60,7 @@ class Incarnation:
 
     def __init__(self, client: redis.Redis, keys: Keys, instance: str) -> None:
         self.client = client
-        self.key = incarnation_key(keys)
+        self.key = keys.incarnation
         self.instance = instance
         self.state = IncarnationState(token=None)
         self._lock = threading.Lock()
@@ -79,12 +77,12 @@ class Incarnation:
         if self.state.token is None:
             candidate = uuid.uuid4().hex
             self.client.set(self.key, candidate, nx=True)
-            current = _s(self.client.get(self.key))
+            current = _get(self.client, self.key)
             if current is None or current.startswith(TOMBSTONE):
                 return self._lost(current, "the run was already marked as lost")
             self.state = IncarnationState(token=current)
             return self.state
-        current = _s(self.client.get(self.key))
+        current = _get(self.client, self.key)
         if current == self.state.token:
             return self.state
         if current is None:

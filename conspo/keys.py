@@ -1,8 +1,10 @@
-"""Redis key names for one run.
+"""Redis key names for one run: every key any process reads or writes is named here.
 
 Every key of a run shares the hash tag ``{run}`` so that on Redis Cluster they live in one slot:
 the Lua commit script touches the input stream, the idempotency marker and the output stream in
-one atomic call, which cluster mode only allows within a slot.
+one atomic call, which cluster mode only allows within a slot. Keeping every name in this one
+class is what lets ``everything`` (the pattern of the whole run) and the tests that wipe a run
+be sure they found all of it.
 """
 
 from __future__ import annotations
@@ -104,9 +106,37 @@ class Keys:
         return f"{self.base}:serving"
 
     @property
+    def incarnation(self) -> str:
+        """String: the run's incarnation token, or its tombstone (``conspo.incarnation``)."""
+        return f"{self.base}:incarnation"
+
+    @property
+    def flow_leases(self) -> str:
+        """Hash instance -> ``<groups>:<expiry>``: what each generator is producing now."""
+        return f"{self.base}:flow:leases"
+
+    @property
     def datasets(self) -> str:
+        """Hash dataset id -> JSON metadata (the index of ``services.api.datasets.store``)."""
         return f"{self.base}:datasets"
+
+    def dataset_rows(self, dataset_id: str) -> str:
+        """Hash row index -> JSON prompt row."""
+        return f"{self.datasets}:{dataset_id}:rows"
+
+    def dataset_cursor(self, dataset_id: str) -> str:
+        """Hash ``epoch``, ``position``, ``fed``: how far the feeder got."""
+        return f"{self.datasets}:{dataset_id}:cursor"
+
+    def dataset_lock(self, dataset_id: str) -> str:
+        """String: the api instance feeding the dataset now, with a TTL."""
+        return f"{self.datasets}:{dataset_id}:lock"
 
     def metrics_series(self, name: str) -> str:
         """List of JSON points for the learning curves the api serves."""
         return f"{self.base}:series:{name}"
+
+    @property
+    def everything(self) -> str:
+        """SCAN pattern of every key of the run (what ``conspo.testing.delete_run`` wipes)."""
+        return f"{self.base}:*"

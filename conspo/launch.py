@@ -18,7 +18,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,6 +33,27 @@ from conspo.testing import delete_run
 
 log = logging.getLogger(__name__)
 SERVICES = ("api", "generator", "verifier", "learner")
+
+#: A knob of the stack (a ``StackConfig`` field, and the ``conspo train`` flag of the same name:
+#: ``conspo.train_config.KNOBS``) -> the service settings it sets. Run settings (batch_groups,
+#: max_staleness) are the learner's alone: generators follow what it announces.
+KNOBS: dict[str, tuple[tuple[str, str], ...]] = {
+    "model_path": (("learner", "model_path"), ("generator", "model_path")),
+    "backend": (("generator", "backend"),),
+    "objective": (("learner", "objective"),),
+    "steps": (("learner", "total_steps"),),
+    "batch_groups": (("learner", "batch_groups"),),
+    "group_size": (("generator", "group_size"),),
+    "max_staleness": (("learner", "max_staleness"),),
+    "seed": (("learner", "seed"), ("generator", "seed")),
+    "lr": (("learner", "lr"),),
+    "temperature": (("generator", "temperature"),),
+    "max_tokens": (("generator", "max_tokens"),),
+    "eval_every": (("learner", "eval_every"),),
+    "eval_samples": (("learner", "eval_samples"),),
+    "checkpoint_every": (("learner", "checkpoint_every"),),
+    "threads": (("learner", "num_threads"), ("generator", "cpu_threads")),
+}
 
 
 class StackConfig(BaseModel):
@@ -118,7 +139,6 @@ class LocalStack:
         self.token = secrets.token_urlsafe(24)
         self.api_port = free_port()
         self.procs: list[Proc] = []
-        self.started_at = 0.0
 
     # -- configuration ---------------------------------------------------------------------------
     def env_for(self, service: str) -> dict[str, str]:
@@ -136,6 +156,7 @@ class LocalStack:
             "MKL_NUM_THREADS": threads,
             "TOKENIZERS_PARALLELISM": "false",
         }
+        # The stack's own tuning for a small machine (not knobs).
         per: dict[str, dict[str, Any]] = {
             "api": {
                 "CONSPO_HOST": "127.0.0.1",
@@ -144,39 +165,22 @@ class LocalStack:
                 "CONSPO_FEED_MAX_BACKLOG": max(2 * c.batch_groups, 8),
             },
             "generator": {
-                "CONSPO_BACKEND": c.backend,
-                "CONSPO_MODEL_PATH": c.model_path,
-                "CONSPO_GROUP_SIZE": c.group_size,
-                "CONSPO_TEMPERATURE": c.temperature,
-                "CONSPO_MAX_TOKENS": c.max_tokens,
-                "CONSPO_SEED": c.seed,
-                "CONSPO_MAX_STALENESS": c.max_staleness,
-                "CONSPO_BATCH_GROUPS": c.batch_groups,
                 "CONSPO_PROMPTS_PER_BATCH": min(c.batch_groups, 32),
                 "CONSPO_HF_SEED_MODE": "batch",
                 "CONSPO_POLL_MS": 20,  # hand-off latency of every synchronous step
-                "CONSPO_CPU_THREADS": c.threads,
                 "CONSPO_WEIGHT_SYNC_BACKEND": "gloo",
             },
             "verifier": {"CONSPO_PROCESSES": 1, "CONSPO_BLOCK_MS": 200, "CONSPO_TIMEOUT_S": 5},
             "learner": {
-                "CONSPO_MODEL_PATH": c.model_path,
-                "CONSPO_OBJECTIVE": c.objective,
-                "CONSPO_TOTAL_STEPS": c.steps,
-                "CONSPO_BATCH_GROUPS": c.batch_groups,
-                "CONSPO_MAX_STALENESS": c.max_staleness,
-                "CONSPO_LR": c.lr,
-                "CONSPO_SEED": c.seed,
-                "CONSPO_CHECKPOINT_EVERY": c.checkpoint_every,
-                "CONSPO_EVAL_EVERY": c.eval_every,
-                "CONSPO_EVAL_SAMPLES": c.eval_samples,
-                "CONSPO_NUM_THREADS": c.threads,
                 "CONSPO_PROGRESS_BAR": "false",
                 "CONSPO_WEIGHT_SYNC_BACKEND": "gloo",
-                "CONSPO_WEIGHT_SYNC_TIMEOUT_S": 30,
                 "CONSPO_BLOCK_MS": 200,
             },
         }
+        for knob, targets in KNOBS.items():
+            for target, setting in targets:
+                if target == service:
+                    per[service][f"CONSPO_{setting.upper()}"] = getattr(c, knob)
         env = {**os.environ, **base, **{k: str(v) for k, v in per[service].items()}}
         env.update(c.env.get("all", {}))
         env.update(c.env.get(service, {}))
@@ -195,7 +199,6 @@ class LocalStack:
         self.cfg.out_dir.mkdir(parents=True, exist_ok=True)
         if fresh:
             delete_run(self.client, self.cfg.run)
-        self.started_at = time.monotonic()
         self._add("api", 0).start()
         self._add("learner", 0).start()
         for i in range(self.cfg.verifiers):
@@ -353,13 +356,3 @@ def tail(path: Path, lines: int = 30) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return "<no log>"
-
-
-@contextlib.contextmanager
-def local_stack(config: StackConfig, **start: Any) -> Iterator[LocalStack]:
-    stack = LocalStack(config)
-    try:
-        stack.start(**start)
-        yield stack
-    finally:
-        stack.stop()

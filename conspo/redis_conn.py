@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import shutil
 import socket
 import subprocess
@@ -24,6 +23,13 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 log = logging.getLogger(__name__)
+
+
+def as_text(value: bytes | str | int | float) -> str:
+    """A Redis reply as text. Any process (or an operator) can write any bytes into a run's
+    keys, so bytes that are not UTF-8 are replaced rather than raised on: a name or a reason
+    that reads oddly is better than a reader that crashes."""
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
 def connect(
@@ -120,8 +126,12 @@ def local_server(
 
 @contextlib.contextmanager
 def reachable_or_local(url: str | None) -> Iterator[str]:
-    """Use ``url`` (or $CONSPO_REDIS_URL) if it answers, else start a private server."""
-    url = url or os.environ.get("CONSPO_REDIS_URL")
+    """Use ``url`` (or the configured ``redis_url``: $CONSPO_REDIS_URL or the settings file)
+    if it answers, else start a private server."""
+    if not url:
+        from conspo.settings import CommonSettings, load
+
+        url = load(CommonSettings).configured_redis_url
     if url and ping(url):
         yield url
         return

@@ -29,6 +29,7 @@ from typing import Any, Literal
 import redis
 from prometheus_client import CollectorRegistry, Counter, start_http_server
 
+from conspo import counters
 from conspo.incarnation import Incarnation
 from conspo.logs import setup as setup_logging
 from conspo.protocol import Heartbeat, MetaValue
@@ -40,6 +41,7 @@ from conspo.state import RunStore
 log = logging.getLogger(__name__)
 Status = Literal["starting", "running", "waiting", "stopping", "stopped", "failed"]
 DEAD_AFTER_BEATS = 5  # a replica whose heartbeat is this many intervals old is gone
+FORGET_EVERY_S = 60.0  # how often a process looks for heartbeats to forget
 ServiceName = Literal["api", "generator", "verifier", "learner", "demo"]
 
 
@@ -62,6 +64,7 @@ class ServiceRuntime:
         self.info: dict[str, MetaValue] = {}
         self.on_beat: list[Callable[[], None]] = []  # work that must go on while the loop is busy
         self._beat_thread: threading.Thread | None = None
+        self._last_forget = -FORGET_EVERY_S
         self.incarnation = Incarnation(self.client, self.keys, self.instance)
         self._state_lost = Counter(
             "conspo_redis_state_lost",
@@ -106,11 +109,26 @@ class ServiceRuntime:
     def hand_back_from_the_dead(self, queue: StreamQueue) -> int:
         """Hand back what replicas of our own service hold in ``queue`` when their heartbeat is
         ``DEAD_AFTER_BEATS`` intervals old or says they stopped (consumer names are instance
-        names). A restarted replica takes them at its next read instead of after the
-        visibility timeout."""
+        names), then remove those that hold nothing any more from the group. A restarted
+        replica takes the entries at its next read instead of after the visibility timeout,
+        and the group does not keep one consumer per restart forever. Returns how many entries
+        were handed back."""
         horizon = DEAD_AFTER_BEATS * self.settings.heartbeat_s
-        alive = {b.instance for b in self.store.alive(self.service, horizon)}
-        return queue.release_dead(alive.__contains__, me=self.instance)
+        alive = {b.instance for b in self.store.alive(self.service, horizon)}.__contains__
+        released = queue.release_dead(alive, me=self.instance)
+        queue.forget_dead(alive, me=self.instance)
+        return released
+
+    def forget_the_long_gone(self, now: float | None = None) -> int:
+        """Drop heartbeats silent for ``forget_gone_after_s`` (at most once a minute per
+        process): a gone instance stays listed in ``/v1/status`` for that long, with its last
+        error, and then stops piling up. Any process may do it for every service: a beat that
+        old belongs to nobody alive, and a live instance rewrites its own every beat."""
+        now = time.monotonic() if now is None else now
+        if now - self._last_forget < FORGET_EVERY_S:
+            return 0
+        self._last_forget = now
+        return self.store.forget_stale(self.settings.forget_gone_after_s)
 
     def check_incarnation(self) -> None:
         """Compare the run's incarnation with ours; report a loss once (see conspo.incarnation)."""
@@ -122,7 +140,7 @@ class ServiceRuntime:
             self.info["redis_state_lost"] = state.detections
             self.error(f"{state.detail}")
             try:
-                self.store.incr({"redis.state_lost": 1})
+                self.store.incr({counters.REDIS_STATE_LOST: 1})
             except redis.RedisError as exc:
                 log.warning("could not count the loss: %s", exc)
         if state.lost:
@@ -136,7 +154,7 @@ class ServiceRuntime:
         if self.error_count:
             self.info["errors"] = self.error_count
             self.info["last_error_at"] = self.last_error_at
-        for hook in self.on_beat:
+        for hook in (*self.on_beat, self.forget_the_long_gone):
             try:
                 hook()
             except redis.RedisError as exc:
@@ -187,7 +205,3 @@ class ServiceRuntime:
         self.stop_event.set()
         self.beat()
         self.client.close()
-
-
-def monotonic_ms() -> int:
-    return int(time.monotonic() * 1000)

@@ -22,6 +22,7 @@ import redis
 from pydantic import BaseModel, Field, ValidationError
 
 from conspo.keys import Keys
+from conspo.redis_conn import as_text
 
 
 class ServedModel(BaseModel):
@@ -67,4 +68,4 @@ def publish_verifiers(client: redis.Redis, keys: Keys, names: Iterable[str]) -> 
 
 
 def read_verifiers(client: redis.Redis, keys: Keys) -> set[str]:
-    return {n.decode() if isinstance(n, bytes) else str(n) for n in client.smembers(keys.verifiers)}
+    return {as_text(n) for n in client.smembers(keys.verifiers)}

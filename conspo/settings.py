@@ -15,13 +15,25 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 import yaml
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import SettingsError as PydanticSettingsError
 
+from conspo.grading.config import GradeConfig
 from conspo.keys import Keys
 from conspo.rows import PromptFormat
 
@@ -101,8 +113,24 @@ class CommonSettings(BaseSettings):
     max_deliveries: int = Field(default=5, ge=1)
     visibility_timeout_s: float = Field(default=60.0, gt=0)
     heartbeat_s: float = Field(default=2.0, gt=0)
+    forget_gone_after_s: float = Field(
+        default=3600.0,
+        gt=0,
+        description="How long a gone instance's heartbeat (its status and last error) stays "
+        "listed in /v1/status before it is forgotten.",
+    )
     retain_entries: int = Field(
         default=10_000, ge=0, description="Acked entries kept per stream for lineage queries."
+    )
+    shared_data: Path | None = Field(
+        default=None,
+        description="Folder of the math benchmark files (conspo.benchmarks); None: "
+        "../shared/data/math beside the repository.",
+    )
+    cache_dir: Path | None = Field(
+        default=None,
+        description="Where retrained tiny models go (conspo demo --fresh); None: "
+        "$XDG_CACHE_HOME/conspo, else ~/.cache/conspo.",
     )
 
     @classmethod
@@ -121,12 +149,62 @@ class CommonSettings(BaseSettings):
         return Keys(run=self.run)
 
     @property
+    def configured_redis_url(self) -> str | None:
+        """``redis_url`` when the environment or the settings file names one, else None (the
+        commands that can start a private Redis, ``conspo train`` and the benchmarks, do)."""
+        return self.redis_url if "redis_url" in self.model_fields_set else None
+
+    @property
     def run_dir(self) -> Path:
         return self.data_dir / self.run
 
 
+BatchGroups = Annotated[int, Field(ge=1)]
+MaxStaleness = Annotated[int, Field(ge=0)]
+SyncTimeout = Annotated[float, Field(gt=0)]
+SyncDtype = Literal["float32", "bfloat16", "float16"]
+
+
+class RunSettings(BaseModel):
+    """What the learner and every generator of a run must agree on, defined once.
+
+    The learner owns these (``LearnerSettings`` inherits them) and announces them in the run's
+    state hash at start-up (``RunStore.announce_run``); flow control enforces the announced
+    ``batch_groups`` and ``max_staleness`` inside its reserve script. A generator leaves them
+    unset to follow the learner (``GeneratorSettings.follow``); one that sets a value must set
+    the learner's, or it stops with an error naming both values, instead of generating under
+    other limits or stalling on weights it cannot take.
+    """
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    batch_groups: BatchGroups = Field(default=32, description="Groups per optimizer step.")
+    max_staleness: MaxStaleness = Field(
+        default=1, description="Most policy versions a group may lag the learner when trained."
+    )
+    weight_sync_dtype: SyncDtype = Field(
+        default="float32",
+        description="dtype of the pushed tensors (bfloat16 halves the bytes on the wire).",
+    )
+    weight_sync_timeout_s: SyncTimeout = Field(
+        default=60.0, description="Longest a weight push (or a generator's receive) may take."
+    )
+
+    @classmethod
+    def of(cls, settings: BaseModel) -> RunSettings:
+        return cls(**{name: getattr(settings, name) for name in cls.model_fields})
+
+
+class RunSettingsMismatchError(SettingsError):
+    """A generator's explicit run setting differs from what the learner announced."""
+
+
 class GeneratorSettings(CommonSettings):
+    """A generator's settings. Its ``RunSettings`` fields default to following the learner;
+    ``follow`` resolves them against what the learner announced."""
+
     service: ClassVar[str] = "generator"
+    _followed: frozenset[str] = PrivateAttr(default=frozenset())
 
     backend: Literal["hf", "vllm"] = "hf"
     model_path: Path | None = Field(default=None, description="None: the bundled tiny model.")
@@ -139,7 +217,11 @@ class GeneratorSettings(CommonSettings):
     seed: int = 0
     prompts_per_batch: int = Field(default=16, ge=1, description="Prompts per engine call.")
     max_backlog: int = Field(default=256, ge=1, description="rollouts+labeled groups bound.")
-    max_staleness: int = Field(default=1, ge=0)
+    max_staleness: MaxStaleness | None = Field(
+        default=None,
+        description="None: the learner's (what it announces; no budget until it has). A value "
+        "here must equal the learner's: a disagreement stops the generator, naming both.",
+    )
     poll_ms: int = Field(
         default=50,
         ge=1,
@@ -147,15 +229,22 @@ class GeneratorSettings(CommonSettings):
         "It is hand-off latency on every synchronous step (max_staleness=0: 100 ms cost 38% of "
         "a demo step, see docs/benchmarks.md); one cheap Lua call per wake.",
     )
-    weight_sync_timeout_s: float = Field(default=120.0, gt=0)
-    weight_sync_backend: Literal["auto", "gloo", "nccl"] = "auto"
-    weight_sync_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        default="auto",
-        description="dtype of the tensors the learner sends: the learner's weight_sync_dtype "
-        "(auto = float32, the learner's default). The engine casts into its own dtype on load.",
+    weight_sync_timeout_s: SyncTimeout | None = Field(
+        default=None,
+        description="None: the learner's, as announced when the generator starts (else the "
+        "learner's default); a value here must equal the learner's.",
     )
-    batch_groups: int = Field(
-        default=32, ge=1, description="Groups per learner step, until the learner publishes it."
+    weight_sync_backend: Literal["auto", "gloo", "nccl"] = "auto"
+    weight_sync_dtype: SyncDtype | Literal["auto"] = Field(
+        default="auto",
+        description="dtype of the tensors the learner sends. auto: the learner's, as announced "
+        "when the generator starts (else its default, float32); a value here must equal the "
+        "learner's. The engine casts into its own dtype on load.",
+    )
+    batch_groups: BatchGroups | None = Field(
+        default=None,
+        description="None: the learner's (what it announces; no budget until it has). A value "
+        "here must equal the learner's: a disagreement stops the generator, naming both.",
     )
     lease_ttl_s: float = Field(
         default=10.0,
@@ -198,6 +287,27 @@ class GeneratorSettings(CommonSettings):
         "all: every core.",
     )
 
+    def follow(self, announced: RunSettings | None) -> GeneratorSettings:
+        """These settings with the learner's weight-sync dtype and timeout where they follow
+        it (``announced``, or the learner's defaults while it has announced nothing);
+        ``batch_groups`` and ``max_staleness`` stay unset, since flow control reads the
+        learner's own. Raises ``RunSettingsMismatchError`` for an explicit value that differs."""
+        check_run_settings(self, announced)
+        basis = announced or RunSettings()
+        update: dict[str, Any] = {}
+        if self.weight_sync_dtype == "auto":
+            update["weight_sync_dtype"] = basis.weight_sync_dtype
+        if self.weight_sync_timeout_s is None:
+            update["weight_sync_timeout_s"] = basis.weight_sync_timeout_s
+        out = self.model_copy(update=update)
+        out._followed = self._followed | frozenset(update)
+        return out
+
+    @property
+    def followed(self) -> frozenset[str]:
+        """The run settings ``follow`` took from the learner (not set here)."""
+        return self._followed
+
     @model_validator(mode="after")
     def _lease_outlives_a_beat(self) -> GeneratorSettings:
         if self.lease_ttl_s < 2 * self.heartbeat_s:
@@ -209,39 +319,104 @@ class GeneratorSettings(CommonSettings):
         return self
 
 
-class VerifierSettings(CommonSettings):
+def check_run_settings(generator: GeneratorSettings, announced: RunSettings | None) -> list[str]:
+    """Compare a generator's run settings with what the learner ``announced`` (nothing to
+    compare before it has). Raises ``RunSettingsMismatchError`` naming every setting the
+    generator sets to another value, and a followed ``weight_sync_dtype`` the learner changed
+    since (the generator's weights template is built once: it would refuse every push).
+    Returns, as sentences, the followed settings that changed and take effect at the next
+    start (the timeout)."""
+    if announced is None:
+        return []
+    errors, later = [], []
+    for name in RunSettings.model_fields:
+        mine, theirs = getattr(generator, name), getattr(announced, name)
+        if mine is None or mine == "auto" or mine == theirs:
+            continue
+        if name not in generator.followed:
+            errors.append(
+                f"  {name}: this generator has {mine!r} (CONSPO_{name.upper()}), the learner "
+                f"announced {theirs!r}; unset it to follow the learner, or set the same value"
+            )
+        elif name == "weight_sync_dtype":
+            errors.append(
+                f"  {name}: this generator started with the learner's {mine!r}, the learner "
+                f"now announces {theirs!r}; restart the generator to follow"
+            )
+        else:
+            later.append(f"{name}: the learner now announces {theirs!r} ({mine!r} until restart)")
+    if errors:
+        raise RunSettingsMismatchError(
+            "generator settings disagree with the learner's:\n" + "\n".join(errors)
+        )
+    return later
+
+
+class VerifierSettings(CommonSettings, GradeConfig):
+    """A verifier replica's settings. How completions are scored (rewards, scan cap, fallback
+    phrases, math-verify knobs) is ``GradeConfig``'s, inherited field by field so that each is
+    a setting (``CONSPO_NO_ANSWER_REWARD``, ...) with ``GradeConfig``'s own bounds;
+    ``grade_config`` hands the graders exactly that part."""
+
+    model_config = SettingsConfigDict(extra="ignore")  # a settings model, not GradeConfig's forbid
     service: ClassVar[str] = "verifier"
 
     processes: int = Field(default=1, ge=1, description="Grading processes per replica.")
     timeout_s: float = Field(default=5.0, gt=0, description="Hard wall-clock limit per item.")
     groups_per_read: int = Field(default=4, ge=1)
     block_ms: int = Field(default=1000, ge=1)
-    correct_reward: float = 1.0
-    wrong_reward: float = 0.0
-    no_answer_reward: float = 0.0
-    scan_chars: int = Field(default=16_384, ge=64)
-    error_reward: float = Field(default=0.0, description="Reward when grading itself failed.")
     memory_limit_mb: int = Field(default=2048, ge=64, description="RLIMIT_AS per grader.")
     plugins: list[str] = Field(
         default_factory=list, description="Modules imported in graders to register verifiers."
     )
 
+    @property
+    def grade_config(self) -> GradeConfig:
+        """What every grader is sent: the ``GradeConfig`` part of these settings."""
+        return GradeConfig(**{name: getattr(self, name) for name in GradeConfig.model_fields})
 
-class LearnerSettings(CommonSettings):
+
+def known_objective(name: str) -> str:
+    """``name`` if ``conspo.objectives`` has it, else a ValueError listing the valid ones.
+    Imported here, not at the top: the registry brings torch, which the api and the verifier
+    never load (they never build learner settings)."""
+    from conspo.objectives import OBJECTIVES
+
+    if name not in OBJECTIVES:
+        raise ValueError(f"unknown objective {name!r}; valid: {', '.join(OBJECTIVES)}")
+    return name
+
+
+def known_eval_set(name: str) -> str:
+    """``name`` if ``conspo.evaluation`` can load it, else a ValueError listing the sets."""
+    from conspo.evaluation import eval_set_names
+
+    names = eval_set_names()
+    if name not in names:
+        raise ValueError(f"unknown eval set {name!r}; valid: {', '.join(names)}")
+    return name
+
+
+#: Names checked against their registries when the settings load, not when the model is built.
+ObjectiveName = Annotated[str, AfterValidator(known_objective)]
+EvalSetName = Annotated[str, AfterValidator(known_eval_set)]
+
+
+class LearnerSettings(CommonSettings, RunSettings):
+    """The learner's settings; the ``RunSettings`` among them it announces to the generators."""
+
     service: ClassVar[str] = "learner"
 
     model_path: Path | None = Field(default=None, description="None: the bundled tiny model.")
     ref_model_path: Path | None = None
     device: str = "auto"
-    objective: str = "conspo"
+    objective: ObjectiveName = "conspo"
     objective_params: dict[str, float | int | bool | str] = Field(default_factory=dict)
     tau: float = Field(default=10.0, gt=0)
     margin: float = Field(default=0.01, ge=0, description="Target curriculum margin M.")
     margin_warmup: float = Field(default=0.3, ge=0, le=1, description="alpha of the ramp.")
     kl_beta: float = Field(default=0.0, ge=0)
-    batch_groups: int = Field(default=32, ge=1, description="Groups per optimizer step.")
     skip_uninformative: bool = True
-    max_staleness: int = Field(default=1, ge=0)
     token_budget: int = Field(default=16_384, ge=1, description="Tokens per micro-batch.")
     lr: float = Field(default=1e-6, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
@@ -258,9 +433,8 @@ class LearnerSettings(CommonSettings):
     keep_checkpoints: int = Field(default=3, ge=1)
     weight_sync_host: str = "127.0.0.1"
     weight_sync_port: int = Field(default=0, ge=0, le=65535, description="0: pick a free port.")
-    weight_sync_timeout_s: float = Field(default=60.0, gt=0)
     eval_every: int = Field(default=0, ge=0, description="0: no periodic evaluation.")
-    eval_set: str = Field(
+    eval_set: EvalSetName = Field(
         default="arith", description="arith or a benchmark of conspo.benchmarks (gsm8k, ...)."
     )
     eval_prompt_format: PromptFormat | None = Field(
@@ -308,11 +482,6 @@ class LearnerSettings(CommonSettings):
         "one never does); capped by weight_sync_timeout_s.",
     )
     weight_sync_bucket_mb: int = Field(default=1024, ge=1)
-    weight_sync_dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        default="float32",
-        description="dtype of the pushed tensors (bfloat16 halves the bytes on the wire); every "
-        "generator's weight_sync_dtype must name the same.",
-    )
     colocated_generator: bool = Field(
         default=False, description="A generator shares the learner's GPU (no NCCL broadcast)."
     )
@@ -399,6 +568,8 @@ def load(cls: type[S], **overrides: Any) -> S:
     """Build and validate ``cls``; raises ``SettingsError`` with one line per problem."""
     try:
         return cls(**overrides)
+    except PydanticSettingsError as exc:  # a variable that does not parse (JSON lists, ...)
+        raise SettingsError(f"invalid {cls.service or 'common'} settings: {exc}") from None
     except ValidationError as exc:
         lines = []
         for err in exc.errors(include_url=False):

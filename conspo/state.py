@@ -3,7 +3,7 @@
 Counters are HINCRBY on one hash so any replica can add to them without coordination; the api
 reads the whole hash in one call. Heartbeats carry each instance's status and last error, and an
 instance whose heartbeat is older than a few intervals is reported as gone, not deleted, so a
-crash stays visible.
+crash stays visible; only after ``forget_gone_after_s`` is its heartbeat forgotten.
 
 ``waiting`` (a JSON ``Waiting`` in the state hash) is the learner's own account of why no step is
 happening; it is written while the learner waits longer than ``waiting_after_s`` and deleted by
@@ -12,17 +12,22 @@ the next step, so the api can show it without knowing anything about the learner
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Mapping
+from typing import Any
 
 import redis
 from pydantic import BaseModel, Field, ValidationError
 
 from conspo.keys import Keys
 from conspo.protocol import DecodeError, Heartbeat, decode, encode
+from conspo.redis_conn import as_text
+from conspo.settings import RunSettings
 
 WAITING_FIELD = "waiting"
+POLICY_VERSION_FIELD = "policy_version"  # the learner's version: what generators must serve
 
 
 class Waiting(BaseModel):
@@ -57,15 +62,27 @@ class RunStore:
         pipe.execute()
 
     def counters(self) -> dict[str, int]:
-        raw = self.client.hgetall(self.keys.counters)
-        return {k.decode(): int(v) for k, v in raw.items()}
+        """Every counter (``conspo.counters``); a value that is not an integer (a foreign
+        writer) is left out rather than breaking the reader."""
+        out = {}
+        for name, value in self.client.hgetall(self.keys.counters).items():
+            with contextlib.suppress(ValueError):
+                out[as_text(name)] = int(value)
+        return out
+
+    def counter(self, name: str) -> int:
+        raw = self.client.hget(self.keys.counters, name)
+        try:
+            return int(raw) if raw is not None else 0
+        except ValueError:
+            return 0
 
     # -- status fields ---------------------------------------------------------------------------
     def set_fields(self, **fields: str | int | float) -> None:
         self.client.hset(self.keys.state, mapping={k: str(v) for k, v in fields.items()})
 
     def fields(self) -> dict[str, str]:
-        return {k.decode(): v.decode() for k, v in self.client.hgetall(self.keys.state).items()}
+        return {as_text(k): as_text(v) for k, v in self.client.hgetall(self.keys.state).items()}
 
     def set_waiting(self, waiting: Waiting) -> None:
         self.client.hset(self.keys.state, WAITING_FIELD, waiting.model_dump_json())
@@ -77,8 +94,23 @@ class RunStore:
         raw = self.client.hget(self.keys.state, WAITING_FIELD)
         return parse_waiting(raw) if raw is not None else None
 
+    def announce_run(self, run: RunSettings) -> None:
+        """The learner, at start-up: what every generator must match (see ``RunSettings``)."""
+        self.client.hset(self.keys.state, mapping={k: str(v) for k, v in run.model_dump().items()})
+
+    def announced_run(self) -> RunSettings | None:
+        """What the learner announced; None before it has (or for a foreign writer's values)."""
+        names = list(RunSettings.model_fields)
+        values = dict(zip(names, self.client.hmget(self.keys.state, names), strict=True))
+        if any(v is None for v in values.values()):
+            return None
+        try:
+            return RunSettings(**{k: as_text(v) for k, v in values.items()})
+        except ValidationError:
+            return None
+
     def policy_version(self) -> int:
-        raw = self.client.hget(self.keys.state, "policy_version")
+        raw = self.client.hget(self.keys.state, POLICY_VERSION_FIELD)
         return int(raw) if raw is not None else 0
 
     # -- heartbeats ------------------------------------------------------------------------------
@@ -101,7 +133,7 @@ class RunStore:
         ]
 
     def forget_stale(self, older_than_s: float) -> int:
-        """Drop heartbeats older than ``older_than_s`` (called rarely, e.g. by the api)."""
+        """Drop heartbeats older than ``older_than_s`` (``ServiceRuntime.forget_the_long_gone``)."""
         now = time.time()
         stale = [
             f"{b.service}:{b.instance}" for b in self.heartbeats() if now - b.at > older_than_s
@@ -120,10 +152,17 @@ class RunStore:
         pipe.ltrim(key, -cap, -1)
         pipe.execute()
 
-    def series(self, series: str, last: int = 1000) -> list[dict[str, float]]:
-        return [
-            json.loads(x) for x in self.client.lrange(self.keys.metrics_series(series), -last, -1)
-        ]
+    def series(self, series: str, last: int = 1000) -> list[dict[str, Any]]:
+        """The last ``last`` points; entries that are not JSON objects are skipped."""
+        out = []
+        for raw in self.client.lrange(self.keys.metrics_series(series), -last, -1):
+            try:
+                point = json.loads(raw)
+            except ValueError:
+                continue
+            if isinstance(point, dict):
+                out.append(point)
+        return out
 
 
 def parse_waiting(raw: bytes | str) -> Waiting | None:

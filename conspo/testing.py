@@ -12,6 +12,8 @@ from pathlib import Path
 
 import redis
 
+from conspo.keys import Keys
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -27,10 +29,26 @@ def wait_for(predicate: Callable[[], object], timeout: float, interval: float = 
 
 def delete_run(client: redis.Redis, run: str, prefix: str = "conspo") -> int:
     """Delete every key of one run namespace (tests clean up after themselves)."""
-    keys = list(client.scan_iter(match=f"{prefix}:{{{run}}}:*", count=1000))
+    keys = list(client.scan_iter(match=Keys(run=run, prefix=prefix).everything, count=1000))
     for i in range(0, len(keys), 500):
         client.delete(*keys[i : i + 500])
     return len(keys)
+
+
+def heavy_imports(statements: str, heavy: Sequence[str], timeout: float = 120.0) -> list[str]:
+    """The modules of the ``heavy`` packages that running ``statements`` in a fresh interpreter
+    imports (the check that a light process stays light); raises if the statements fail."""
+    script = (
+        f"{statements}\nimport sys\n"
+        f"print('\\n'.join(sorted(m for m in sys.modules if m.split('.')[0] in {tuple(heavy)!r})))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True,
+        timeout=timeout,
+    )  # fmt: skip
+    if out.returncode != 0:
+        raise RuntimeError(f"the statements failed:\n{out.stderr}")
+    return out.stdout.split()
 
 
 def spawn(

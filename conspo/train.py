@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import shutil
 import sys
 import time
@@ -39,7 +38,7 @@ from conspo.launch import LocalStack, StackConfig
 from conspo.logs import setup as setup_logging
 from conspo.redis_conn import reachable_or_local
 from conspo.rows import PromptFormat
-from conspo.settings import SettingsError
+from conspo.settings import CommonSettings, SettingsError, load
 from conspo.state import RunStore
 from conspo.train_config import (
     DataPlan,
@@ -52,7 +51,6 @@ from conspo.train_config import (
 )
 
 log = logging.getLogger("conspo.train")
-DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
 EXIT_UNBALANCED, EXIT_ENDED_EARLY = 1, 3
 
 
@@ -203,27 +201,15 @@ def stack_config(
         learner["CONSPO_TRACKING"] = json.dumps(cfg.tracking)
     if cfg.wandb_project:
         learner["CONSPO_WANDB_PROJECT"] = cfg.wandb_project
+    own = {"run", "eval_every", "log_level"}  # decided here from the config
+    same = (StackConfig.model_fields.keys() & TrainConfig.model_fields.keys()) - own
     return StackConfig(
+        **{name: getattr(cfg, name) for name in same},  # the knobs both spell alike
         run=cfg.run_name,
         out_dir=cfg.out_dir,
         redis_url=redis_url,
         model_path=model,
-        backend=cfg.backend,
-        objective=cfg.objective,
-        steps=cfg.steps,
-        batch_groups=cfg.batch_groups,
-        group_size=cfg.group_size,
-        generators=cfg.generators,
-        verifiers=cfg.verifiers,
-        max_staleness=cfg.max_staleness,
-        seed=cfg.seed,
-        lr=cfg.lr,
-        temperature=cfg.temperature,
-        max_tokens=cfg.max_tokens,
         eval_every=eval_every if cfg.eval else 0,
-        eval_samples=cfg.eval_samples,
-        checkpoint_every=cfg.checkpoint_every,
-        threads=cfg.threads,
         log_level="WARNING" if cfg.quiet else cfg.log_level,
         env=env,
     )
@@ -268,7 +254,7 @@ def run_training(cfg: TrainConfig, raw: dict[str, Any] | None = None) -> dict[st
     )
     plan: DataPlan = plan_data(cfg, fmt)
     _clear_previous(cfg)
-    with reachable_or_local(os.environ.get("CONSPO_REDIS_URL") or DEFAULT_REDIS) as redis_url:
+    with reachable_or_local(load(CommonSettings).redis_url) as redis_url:
         stack_cfg = stack_config(cfg, raw or {}, redis_url, model, fmt, plan)
         stack = LocalStack(stack_cfg)
         log.info(

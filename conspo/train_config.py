@@ -38,11 +38,15 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from conspo.benchmarks import BENCHMARKS, dataset_fields, default_format
+from conspo.launch import KNOBS as STACK_KNOBS
 from conspo.rows import PromptFormat
 from conspo.settings import (
     ApiSettings,
+    EvalSetName,
     GeneratorSettings,
     LearnerSettings,
+    ObjectiveName,
+    RunSettings,
     SettingsError,
     VerifierSettings,
     file_values,
@@ -55,23 +59,17 @@ SERVICE_SETTINGS = {
     "verifier": VerifierSettings,
     "learner": LearnerSettings,
 }
-#: knob -> the service settings it sets (the first one is read from env and file).
+#: knob -> the service settings it sets (the first one is read from env and file): the local
+#: stack's knobs (``conspo.launch.KNOBS``, ``model`` there is ``model_path``), and the learner
+#: settings only ``conspo train`` exposes.
 KNOBS: dict[str, tuple[tuple[str, str], ...]] = {
-    "model": (("learner", "model_path"), ("generator", "model_path")),
-    "objective": (("learner", "objective"),),
-    "steps": (("learner", "total_steps"),),
-    "backend": (("generator", "backend"),),
-    "batch_groups": (("learner", "batch_groups"), ("generator", "batch_groups")),
-    "group_size": (("generator", "group_size"),),
-    "lr": (("learner", "lr"),),
-    "temperature": (("generator", "temperature"),),
-    "max_tokens": (("generator", "max_tokens"),),
-    "max_staleness": (("learner", "max_staleness"), ("generator", "max_staleness")),
-    "seed": (("learner", "seed"), ("generator", "seed")),
-    "checkpoint_every": (("learner", "checkpoint_every"),),
+    "model": STACK_KNOBS["model_path"],
+    **{
+        name: targets
+        for name, targets in STACK_KNOBS.items()
+        if name not in ("model_path", "threads")
+    },
     "eval": (("learner", "eval_set"),),
-    "eval_every": (("learner", "eval_every"),),
-    "eval_samples": (("learner", "eval_samples"),),
     "eval_k": (("learner", "eval_k"),),
     "eval_max_tokens": (("learner", "eval_max_tokens"),),
     "tracking": (("learner", "tracking"),),
@@ -107,7 +105,7 @@ class TrainConfig(BaseModel):
     system_prompt: str | None = None
     chat: Literal["auto", "on", "off"] = "auto"
     verifier: str = "math"
-    objective: str = "conspo"
+    objective: ObjectiveName = "conspo"
     steps: int = Field(default=100, ge=1)
     backend: Literal["hf", "vllm"] = "hf"
     generators: int = Field(default=1, ge=1)
@@ -120,7 +118,7 @@ class TrainConfig(BaseModel):
     max_staleness: int = Field(default=1, ge=0)
     seed: int = 0
     checkpoint_every: int = Field(default=10, ge=1)
-    eval: str | None = None
+    eval: EvalSetName | None = None
     eval_every: int | None = Field(default=None, ge=0, description="None: steps // 4.")
     eval_samples: int = Field(default=200, ge=1)
     eval_k: int = Field(default=4, ge=1)
@@ -215,6 +213,8 @@ def service_overrides(raw: dict[str, Any]) -> dict[str, dict[str, str]]:
     for targets in KNOBS.values():
         for service, setting in targets:
             owned[service].add(setting)
+            if service == "learner" and setting in RunSettings.model_fields:
+                owned["generator"].add(setting)  # generators follow the learner's knob
     out: dict[str, dict[str, str]] = {}
     for service, cls in SERVICE_SETTINGS.items():
         in_file = file_values(raw, service)

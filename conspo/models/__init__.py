@@ -26,10 +26,12 @@ def default_checkpoint(task: str | None = None) -> Path:
 
 
 def cache_dir() -> Path:
-    """Where retrained checkpoints go: `$CONSPO_CACHE_DIR`, else `$XDG_CACHE_HOME/conspo`,
-    else `~/.cache/conspo`."""
-    if env := os.environ.get("CONSPO_CACHE_DIR"):
-        return Path(env)
+    """Where retrained checkpoints go: the ``cache_dir`` setting (`$CONSPO_CACHE_DIR`), else
+    `$XDG_CACHE_HOME/conspo`, else `~/.cache/conspo`."""
+    from conspo.settings import CommonSettings, load
+
+    if (configured := load(CommonSettings).cache_dir) is not None:
+        return configured
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "conspo"
 

@@ -36,7 +36,7 @@ from typing import Any
 import redis
 
 from conspo.keys import Keys
-from conspo.serving import ServedModel, parse_served_model
+from conspo.serving import ServedModel, read_served_model, read_verifiers
 
 log = logging.getLogger(__name__)
 
@@ -73,12 +73,8 @@ class Admission:
 
     @classmethod
     def read(cls, client: redis.Redis, keys: Keys, fallback: list[str]) -> Admission:
-        pipe = client.pipeline(transaction=False)
-        pipe.smembers(keys.verifiers)
-        pipe.get(keys.serving)
-        names, raw = pipe.execute()
-        published = frozenset(n.decode() if isinstance(n, bytes) else str(n) for n in names)
-        served = parse_served_model(raw) if raw is not None else None
+        published = frozenset(read_verifiers(client, keys))
+        served = read_served_model(client, keys)
         if published:
             return cls(published, "verifiers", served)
         return cls(frozenset(fallback), "settings", served)

@@ -17,7 +17,7 @@ from redis.retry import Retry
 
 from conspo.incarnation import Incarnation
 from conspo.keys import Keys
-from conspo.protocol import Prompt
+from conspo.protocol import DeadLetter, M, Prompt
 from conspo.queue import StreamQueue, consumer_name
 from conspo.settings import ApiSettings
 from conspo.state import RunStore
@@ -60,9 +60,16 @@ class AppContext:
             Prompt,
             max_entry_bytes=self.settings.max_entry_bytes,
         )
+        self.dead: StreamQueue[DeadLetter] = self.queue("dead", DeadLetter)
         self.publisher = PromptPublisher(self.prompts, self.settings.idempotency_ttl_s)
         self.datasets = DatasetStore(self.client, self.keys)
         self.incarnation = Incarnation(self.client, self.keys, self.instance)
+
+    def queue(self, stream: str, kind: type[M]) -> StreamQueue[M]:
+        """A reader of one of the run's streams (nothing is created by reading)."""
+        return StreamQueue(
+            self.client, self.keys, stream, kind, max_entry_bytes=self.settings.max_entry_bytes
+        )
 
 
 def get_ctx(request: Request) -> AppContext:

@@ -9,7 +9,7 @@ interleave inside it:
    an id already used for a different prompt refuses the whole request (409, nothing written);
 3. XADD the prompts whose id is new and record them; a prompt whose id is known with the same
    fingerprint is not enqueued again: its original entry id is replayed (``replayed``);
-4. count what was enqueued in ``api.prompts_accepted``; with a key, store
+4. count what was enqueued in ``api.prompts_accepted`` (``conspo.counters``); with a key, store
    ``{fp, prompt_ids, entry_ids, replayed}`` under it with a TTL.
 
 So a prompt id names one prompt for the whole run, whoever sends it and however often; a client
@@ -32,20 +32,25 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from conspo import counters
 from conspo.protocol import MessageTooLargeError, Prompt, encode
-from conspo.queue import StreamQueue
+from conspo.queue import XADD_ENTRY, StreamQueue
+from conspo.redis_conn import as_text
 from services.api.errors import ApiError
 
-_PUBLISH = """
+_PUBLISH = (
+    XADD_ENTRY
+    + """
 -- KEYS[1] idempotency record (unused without a key), KEYS[2] prompts stream, KEYS[3] counters,
 -- KEYS[4] prompt-id registry. ARGV[1] ttl, ARGV[2] request fingerprint, ARGV[3] '1' with a key,
--- ARGV[4] prompt ids (JSON), then (prompt id, item fingerprint, k, d) per prompt.
+-- ARGV[4] prompt ids (JSON), ARGV[5] the accepted counter, then (prompt id, item fingerprint,
+-- k, d) per prompt.
 if ARGV[3] == '1' then
   local existing = redis.call('GET', KEYS[1])
   if existing then return {0, existing} end
 end
 local known = {}
-for a = 5, #ARGV, 4 do
+for a = 6, #ARGV, 4 do
   local old = redis.call('HGET', KEYS[4], ARGV[a])
   if old then
     local fp, entry = string.match(old, '^(%S+) (%S+)$')
@@ -54,25 +59,24 @@ for a = 5, #ARGV, 4 do
   end
 end
 local ids, replayed, fresh = {}, {}, 0
-for a = 5, #ARGV, 4 do
+for a = 6, #ARGV, 4 do
   if known[a] then
     ids[#ids + 1] = known[a]
     replayed[#replayed + 1] = ARGV[a]
   else
-    local id = redis.call('XADD', KEYS[2], '*', 'k', ARGV[a + 2], 'd', ARGV[a + 3])
+    local id = xadd_entry(KEYS[2], ARGV[a + 2], ARGV[a + 3])
     redis.call('HSET', KEYS[4], ARGV[a], ARGV[a + 1] .. ' ' .. id)
     ids[#ids + 1] = id
     fresh = fresh + 1
   end
 end
-if fresh > 0 then redis.call('HINCRBY', KEYS[3], 'api.prompts_accepted', fresh) end
+if fresh > 0 then redis.call('HINCRBY', KEYS[3], ARGV[5], fresh) end
 local record = cjson.encode({fp = ARGV[2], prompt_ids = cjson.decode(ARGV[4]), entry_ids = ids,
                              replayed = replayed})
 if ARGV[3] == '1' then redis.call('SET', KEYS[1], record, 'EX', ARGV[1]) end
 return {1, record}
 """
-
-ACCEPTED_COUNTER = "api.prompts_accepted"
+)
 
 
 def fingerprint(payload: Any) -> str:
@@ -117,6 +121,7 @@ class PromptPublisher:
             fp,
             "1" if key is not None else "0",
             json.dumps([p.prompt_id for p in prompts]),
+            counters.API_PROMPTS_ACCEPTED,
         ]
         for prompt, item_fp, data in zip(prompts, item_fps, payloads, strict=True):
             args.extend([prompt.prompt_id, item_fp, prompt.prompt_id, data])
@@ -126,7 +131,7 @@ class PromptPublisher:
         )
         status = int(reply[0])
         if status == -1:
-            taken, entry = (x.decode() if isinstance(x, bytes) else str(x) for x in reply[1:3])
+            taken, entry = (as_text(x) for x in reply[1:3])
             index = next(i for i, p in enumerate(prompts) if p.prompt_id == taken)
             raise ApiError(
                 409,

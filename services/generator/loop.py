@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 import redis
 
+from conspo import counters
 from conspo.flow import FlowControl
 from conspo.lineage import GENERATE, group_id_for
 from conspo.prompting import PromptRejectedError, encode_prompt
@@ -50,9 +51,9 @@ from conspo.protocol import (
     RolloutGroup,
     SamplingParams,
 )
-from conspo.queue import Commit, Delivery, StreamQueue
+from conspo.queue import Commit, Delivery, StreamQueue, depths
 from conspo.service import ServiceRuntime
-from conspo.settings import GeneratorSettings
+from conspo.settings import GeneratorSettings, RunSettingsMismatchError, check_run_settings
 from services.generator.backends.base import (
     Backend,
     BackendDeadError,
@@ -125,6 +126,8 @@ class GeneratorLoop:
         self._last_dead_check = 0.0
         self._no_budget_since: float | None = None
         self._no_budget_logged = 0.0
+        self._last_learner_check = -1e9
+        self._told: set[str] = set()
         runtime.on_beat.append(lambda: self.flow.renew(self.instance))
 
     # -- running ----------------------------------------------------------------------------------
@@ -140,7 +143,7 @@ class GeneratorLoop:
                     self.step()
                     if self.runtime.error_count == errors:
                         self.runtime.recovered()
-                except BackendDeadError:
+                except (BackendDeadError, RunSettingsMismatchError):
                     raise
                 except redis.RedisError as exc:
                     self.runtime.error(f"redis error: {type(exc).__name__}: {exc}")
@@ -162,6 +165,7 @@ class GeneratorLoop:
         self.apply_staged_weights()
         self._trim_prompts()
         self._hand_back_from_the_dead()
+        self._check_learner()
         waited = self._admission_wait()
         if waited is not None:
             reason, seconds = waited
@@ -196,6 +200,20 @@ class GeneratorLoop:
         self._last_trim = now
         self.prompts.trim(keep_last=self.settings.retain_entries)
 
+    def _check_learner(self, every_s: float = 5.0) -> None:
+        """The learner may (re)start with other run settings while we serve: an explicit
+        disagreement, or a weight dtype we cannot follow without a restart, ends this
+        generator (``RunSettingsMismatchError``, exit code 2) rather than generating under
+        other limits or stalling on pushes it must refuse."""
+        now = time.monotonic()
+        if now - self._last_learner_check < every_s:
+            return
+        self._last_learner_check = now
+        for change in check_run_settings(self.settings, self.runtime.store.announced_run()):
+            if change not in self._told:
+                self._told.add(change)
+                log.warning("run settings changed: %s", change)
+
     def _say_why_no_budget(self, now: float, after_s: float = 10.0, every_s: float = 60.0) -> None:
         """Flow control can hold a generator back for long (the learner is busy, or waits for
         weights to reach us): say so in the log instead of going quiet."""
@@ -205,15 +223,22 @@ class GeneratorLoop:
         if waited < after_s or now - self._no_budget_logged < every_s:
             return
         self._no_budget_logged = now
-        fields = self.runtime.store.fields()  # the learner's numbers are the ones enforced
-        learner = int(fields.get("policy_version", 0))
+        run = self.runtime.store.announced_run()  # the learner's numbers are the ones enforced
+        if run is None and self.settings.batch_groups is None:
+            log.info(
+                "no generation budget for %.0f s: waiting for the learner to announce "
+                "batch_groups and max_staleness (this generator follows the learner's)",
+                waited,
+            )
+            return
+        learner = self.runtime.store.policy_version()
         log.info(
             "no generation budget for %.0f s (serving v%d, learner at v%d, max_staleness %s): "
             "waiting for the learner to consume what is in flight%s",
             waited,
             self.served_version,
             learner,
-            fields.get("max_staleness", self.settings.max_staleness),
+            run.max_staleness if run is not None else self.settings.max_staleness,
             " or for newer weights" if learner - self.served_version > 0 else "",
         )
 
@@ -264,28 +289,9 @@ class GeneratorLoop:
     def downstream_backlog(self) -> int:
         """Groups waiting downstream: rollouts not yet verified + labeled not yet read.
 
-        One pipelined round trip (XINFO GROUPS of both streams) per check; Redis < 7 reports no
-        ``lag``, and then ``StreamQueue.backlog`` computes it the slow way."""
-        pipe = self.runtime.client.pipeline(transaction=False)
-        pipe.xinfo_groups(self.rollouts.key)
-        pipe.xinfo_groups(self.labeled.key)
-        replies = pipe.execute(raise_on_error=False)
-        counts: list[tuple[int, int]] = []
-        for queue, reply in zip((self.rollouts, self.labeled), replies, strict=True):
-            if isinstance(reply, Exception):  # the stream does not exist yet: nothing waits
-                counts.append((0, 0))
-                continue
-            info = next((g for g in reply if _text(g["name"]) == queue.group), None)
-            if info is None:
-                length = int(self.runtime.client.xlen(queue.key))
-                counts.append((length, 0))
-            elif info.get("lag") is None:
-                backlog = queue.backlog()
-                counts.append((backlog.lag, backlog.pending))
-            else:
-                counts.append((int(info["lag"]), int(info["pending"])))
-        (r_lag, r_pending), (l_lag, _) = counts
-        return r_lag + r_pending + l_lag
+        One pipelined round trip per check (``conspo.queue.depths``)."""
+        rollouts, labeled = depths([self.rollouts, self.labeled])
+        return rollouts.lag + rollouts.pending + labeled.lag
 
     def _admission_wait(self) -> tuple[str, float] | None:
         backlog = self.downstream_backlog()
@@ -384,9 +390,9 @@ class GeneratorLoop:
                     item=d.entry_id,
                     outputs=[(self.rollouts, group, group.group_id)],
                     counters={
-                        "generator.groups": 1,
-                        "generator.completions": len(completions_of),
-                        "generator.tokens": n_tokens,
+                        counters.GENERATOR_GROUPS: 1,
+                        counters.GENERATOR_COMPLETIONS: len(completions_of),
+                        counters.GENERATOR_TOKENS: n_tokens,
                     },
                 )
             )
@@ -480,7 +486,3 @@ class GeneratorLoop:
         if self.weights is not None and self.weights.last_error:
             info["weight_sync_error"] = self.weights.last_error[:200]
         self.runtime.info.update(info)
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

@@ -8,9 +8,15 @@ written), and only then does the loop pull prompts. Once the engine is up, the g
 api what it serves (``conspo.serving.ServedModel``: context length, tokenizer folder, longest
 token), so the api can refuse prompts that cannot fit.
 
+Before the engine is built the generator takes the run settings it follows from what the learner
+announced (``GeneratorSettings.follow``: the weight-sync dtype and timeout; flow control reads
+``batch_groups`` and ``max_staleness`` from the learner as it goes), and refuses to start when a
+value it sets itself disagrees with the learner's.
+
 Exit codes: 0 after SIGTERM/SIGINT (the batch in flight is finished and published, prompts read
 but not started are released, the flow lease and the weight-sync membership are dropped);
-1 when the engine died (its prompts are released for other generators).
+1 when the engine died (its prompts are released for other generators); 2 for invalid settings,
+among them run settings that disagree with the learner's (the error names both values).
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import redis
 
 from conspo.service import ServiceRuntime
 from conspo.serving import ServedModel, max_token_chars, publish_served_model
-from conspo.settings import GeneratorSettings, load
+from conspo.settings import GeneratorSettings, RunSettingsMismatchError, load
 from services.generator.backends import BackendDeadError, build_backend, model_path_of
 from services.generator.loop import GeneratorLoop
 from services.generator.metrics import GeneratorMetrics
@@ -41,6 +47,9 @@ def main(args: argparse.Namespace | None = None) -> int:
     except BackendDeadError as exc:
         log.error("generator %s: engine died: %s", runtime.instance, exc)
         return 1
+    except RunSettingsMismatchError as exc:
+        log.error("generator %s: %s", runtime.instance, exc)
+        return 2
     return 0
 
 
@@ -62,7 +71,10 @@ def publish_serving(runtime: ServiceRuntime, settings: GeneratorSettings, backen
 
 def run(runtime: ServiceRuntime, settings: GeneratorSettings) -> None:
     """Build the engine, catch up with the learner, serve until asked to stop."""
-    runtime.info.update({"backend": settings.backend})
+    settings = settings.follow(runtime.store.announced_run())
+    runtime.info.update(
+        {"backend": settings.backend, "weight_sync_dtype": settings.weight_sync_dtype}
+    )
     backend = build_backend(settings)
     weights = None
     try:

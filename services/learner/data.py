@@ -5,12 +5,13 @@
 the other ranks as these, never as raw stream entries, so the other ranks need no Redis.
 
 Work is always cut along group boundaries, because a group's objective couples its completions
-(``docs/conspo.md`` section 8): ranks receive whole groups (greedy balancing by padded tokens,
-deterministic so every rank computes every rank's share without talking), and each rank's
-groups are cut into micro-batches of whole groups under ``token_budget`` padded tokens (rows x
-longest row, which is what a forward pass really allocates). A group larger than the budget
-is a micro-batch on its own. Every rank also knows the largest micro-batch count of all ranks,
-so FSDP collectives line up: ranks with fewer micro-batches run zero-weight dummy ones.
+(``../shared/design/conspo.md``, ConSPO item 8): ranks receive whole groups (greedy balancing
+by padded tokens, deterministic so every rank computes every rank's share without talking), and
+each rank's groups are cut into micro-batches of whole groups under ``token_budget`` padded
+tokens (rows x longest row, which is what a forward pass really allocates). A group larger than
+the budget is a micro-batch on its own. Every rank also knows the largest micro-batch count of
+all ranks, so FSDP collectives line up: ranks with fewer micro-batches run zero-weight dummy
+ones.
 """
 
 from __future__ import annotations

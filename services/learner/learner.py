@@ -37,12 +37,13 @@ from typing import Any
 import redis
 import torch
 
+from conspo import counters
 from conspo.depths import stream_depth
 from conspo.flow import FlowControl
 from conspo.lineage import LEARN, learn_marker
 from conspo.protocol import LabeledGroup
 from conspo.queue import StreamQueue
-from conspo.settings import LearnerSettings
+from conspo.settings import LearnerSettings, RunSettings
 from conspo.state import Waiting
 from services.learner.batcher import SKIPPED, Batcher, Decided
 from services.learner.checkpoint import (
@@ -71,7 +72,7 @@ from services.learner.waiting import WaitStats
 
 log = logging.getLogger(__name__)
 
-COUNTERS = ("steps", "groups_trained", "groups_skipped", "groups_dropped", "groups_duplicate")
+COUNTERS = counters.LEARNER_CHECKPOINTED
 
 
 def configure_torch(settings: LearnerSettings) -> None:
@@ -251,7 +252,7 @@ class Learner:
         self.flow = FlowControl(
             self.client, s.keys, batch_groups=s.batch_groups, max_staleness=s.max_staleness
         )
-        self.flow.publish_limits(batch_groups=s.batch_groups, max_staleness=s.max_staleness)
+        self.store.announce_run(RunSettings.of(s))
         if ckpt:
             self.consumed_total = ckpt.state.consumed_total
             self.counters.update({k: v for k, v in ckpt.state.counters.items() if k in COUNTERS})
@@ -265,7 +266,7 @@ class Learner:
             log.info("release ledger: %d groups released since the checkpoint", ledger.consumed)
         self.flow.set_consumed(self.consumed_total)
         self.client.hset(
-            s.keys.counters, mapping={f"learner.{k}": v for k, v in self.counters.items()}
+            s.keys.counters, mapping={counters.learner(k): v for k, v in self.counters.items()}
         )
         self._recover_pending(ckpt, ledger)
         self.store.clear_waiting()
@@ -380,7 +381,7 @@ class Learner:
         self.consumed_total += 1
         kind = "skipped" if decided.marker == SKIPPED else "dropped"
         self.counters[f"groups_{kind}"] += 1
-        name = f"learner.groups_{kind}"
+        name = counters.learner(f"groups_{kind}")
         self._unflushed[name] = self._unflushed.get(name, 0) + 1
         assert self.metrics is not None
         self.metrics.groups_seen(kind, 1)
@@ -391,7 +392,7 @@ class Learner:
         if duplicates:
             self._duplicates_flushed += duplicates
             self.counters["groups_duplicate"] += duplicates
-            self._unflushed["learner.groups_duplicate"] = duplicates
+            self._unflushed[counters.LEARNER_GROUPS_DUPLICATE] = duplicates
             assert self.metrics is not None
             self.metrics.groups_seen("duplicate", duplicates)
         if self._unflushed:
@@ -543,7 +544,7 @@ class Learner:
             self._waiting_code = None
         self.flow.consumed(len(groups))
         self.consumed_total += len(groups)
-        self.store.incr({"learner.steps": 1, "learner.groups_trained": len(groups)})
+        self.store.incr({counters.LEARNER_STEPS: 1, counters.LEARNER_GROUPS_TRAINED: len(groups)})
         assert self.metrics is not None
         self.metrics.groups_seen("trained", len(groups))
 
@@ -640,7 +641,7 @@ class Learner:
         )
         self.last_push_version = self.version
         if not outcome.ok:
-            self.store.incr({"learner.push_failures": 1})
+            self.store.incr({counters.LEARNER_PUSH_FAILURES: 1})
         self.store.set_fields(last_push_version=self.version, last_push_ok=int(outcome.ok))
         return outcome
 

@@ -22,7 +22,8 @@ from collections.abc import Callable
 
 import redis
 
-from conspo.grading.config import GradeConfig, GradeItem
+from conspo import counters
+from conspo.grading.config import GradeItem
 from conspo.lineage import VERIFY
 from conspo.protocol import LabeledGroup, RolloutGroup
 from conspo.queue import Commit, StreamQueue
@@ -33,16 +34,6 @@ from services.verifier.metrics import VerifierMetrics
 from services.verifier.pool import GradingPool, PoolError, load_plugin
 
 log = logging.getLogger(__name__)
-
-
-def grade_config(settings: VerifierSettings) -> GradeConfig:
-    return GradeConfig(
-        correct_reward=settings.correct_reward,
-        wrong_reward=settings.wrong_reward,
-        no_answer_reward=settings.no_answer_reward,
-        error_reward=settings.error_reward,
-        scan_chars=settings.scan_chars,
-    )
 
 
 def offered_verifiers(plugins: list[str]) -> list[str]:
@@ -61,7 +52,7 @@ def make_pool(settings: VerifierSettings) -> GradingPool:
     return GradingPool(
         processes=settings.processes,
         timeout_s=settings.timeout_s,
-        config=grade_config(settings),
+        config=settings.grade_config,
         plugins=settings.plugins,
         memory_limit_mb=settings.memory_limit_mb,
     )
@@ -169,14 +160,18 @@ class VerifierWorker:
                 verifier_id=self.rt.instance,
                 verify_seconds=per_group,
             )
-            verdicts = Tally(f"verifier.verdict.{label.verdict.value}" for label in group_labels)
+            verdicts = Tally(counters.verdict(label.verdict.value) for label in group_labels)
             commits.append(
                 Commit(
                     d,
                     stage=VERIFY,
                     item=d.message.group_id,
                     outputs=[(self.labeled, labeled, d.message.group_id)],
-                    counters={"verifier.groups": 1, "verifier.completions": n, **verdicts},
+                    counters={
+                        counters.VERIFIER_GROUPS: 1,
+                        counters.VERIFIER_COMPLETIONS: n,
+                        **verdicts,
+                    },
                 )
             )
         # One round trip for the batch; each group's commit is still atomic on its own.

@@ -10,9 +10,9 @@ What a scenario checks, whatever the fault:
 
 - training continues: the learner's step grows after every injection, and no service exits
   on its own unless the scenario says it may;
-- nothing is lost or trained twice: ``LocalStack.accounting()`` (a balance over idempotency
-  markers and stream state) and ``trace_fates`` (the fate of every prompt entry, one by one)
-  must agree, with ``lost == 0`` and ``duplicated == 0``;
+- nothing is lost or trained twice: the two views of ``conspo.accounting``, the balance
+  (``LocalStack.accounting()``) and the trace (``fates``: every prompt entry, one by one), must
+  agree, with ``lost == 0`` and ``duplicated == 0``;
 - the groups the victim held when it was hit (its pending entries, read from Redis just before
   the signal) each reach a fate, individually.
 
@@ -43,10 +43,13 @@ import httpx
 import pytest
 import redis
 
-from conspo.keys import STREAM_GROUPS, Keys
+from conspo.accounting import fates as trace_fates
+from conspo.accounting import summarize
+from conspo.keys import Keys
 from conspo.launch import LocalStack, StackConfig
-from conspo.lineage import GENERATE, LEARN, VERIFY, group_id_for, parse_learn_marker
-from conspo.protocol import DeadLetter, DecodeError, decode
+from conspo.lineage import prompt_entry_of
+from conspo.protocol import Message
+from conspo.queue import StreamQueue
 from conspo.redis_conn import connect, free_port, redis_server_binary
 from conspo.testing import REPO_ROOT, delete_run
 
@@ -427,112 +430,16 @@ def chaos_proxy() -> Iterator[Callable[..., ChaosProxy]]:
 
 
 # -- tracing every prompt ------------------------------------------------------------------------
-def _s(value: bytes | str) -> str:
-    return value.decode(errors="replace") if isinstance(value, bytes) else value
-
-
-def _id_tuple(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
-
-
-def _undelivered_or_pending(client: redis.Redis, keys: Keys, stream: str) -> set[str]:
-    """Entry ids of ``stream`` that its consumer group still has to finish."""
-    key = keys.stream(stream)
-    if not client.exists(key):
-        return set()
-    group = STREAM_GROUPS[stream]
-    info = next((g for g in client.xinfo_groups(key) if _s(g["name"]) == group), None)
-    entries = [_s(i) for i, _ in client.xrange(key)]
-    if info is None:
-        return set(entries)
-    last = _id_tuple(_s(info["last-delivered-id"]))
-    out = {e for e in entries if _id_tuple(e) > last}
-    out.update(_s(r["message_id"]) for r in client.xpending_range(key, group, "-", "+", 10**7))
-    return out
-
-
-def _keys_by_entry(client: redis.Redis, keys: Keys, stream: str) -> dict[str, str]:
-    return {_s(i): _s(f.get(b"k", b"")) for i, f in client.xrange(keys.stream(stream))}
-
-
-def trace_fates(client: redis.Redis, keys: Keys) -> dict[str, str]:
-    """``prompt entry id -> fate`` for every entry of ``prompts``, one by one.
-
-    trained / skipped / dropped: the group's LEARN marker; dead: a dead letter at any stage;
-    queued: still pending or undelivered in the stream of the stage it is at; otherwise lost
-    (with the stage it vanished after: ``lost@generate`` / ``lost@verify`` / ``lost@learn``).
-    Needs the streams untrimmed (the chaos stacks keep every entry)."""
-    prompts = [_s(i) for i, _ in client.xrange(keys.prompts)]
-    dead_prompts: set[str] = set()
-    dead_groups: set[str] = set()
-    for _, fields in client.xrange(keys.dead):
-        try:
-            letter = decode(fields[b"d"], DeadLetter)
-        except DecodeError:
-            continue
-        if letter.source == "prompts":
-            dead_prompts.add(letter.entry_id)
-        else:
-            dead_groups.add(_s(fields.get(b"k", b"")))
-    open_prompts = _undelivered_or_pending(client, keys, "prompts")
-    open_groups: dict[str, set[str]] = {}
-    for stream in ("rollouts", "labeled"):
-        ids = _undelivered_or_pending(client, keys, stream)
-        by_entry = _keys_by_entry(client, keys, stream)
-        open_groups[stream] = {by_entry[e] for e in ids if e in by_entry}
-    fates: dict[str, str] = {}
-    for i in range(0, len(prompts), 500):
-        chunk = prompts[i : i + 500]
-        gids = [group_id_for(e) for e in chunk]
-        pipe = client.pipeline(transaction=False)
-        for e, g in zip(chunk, gids, strict=True):
-            pipe.get(keys.done(LEARN, g))
-            pipe.exists(keys.done(VERIFY, g))
-            pipe.exists(keys.done(GENERATE, e))
-        replies = pipe.execute()
-        for j, (e, g) in enumerate(zip(chunk, gids, strict=True)):
-            learned, verified, generated = replies[3 * j : 3 * j + 3]
-            if learned is not None:
-                fates[e] = parse_learn_marker(_s(learned))[0]
-            elif e in dead_prompts or g in dead_groups:
-                fates[e] = "dead"
-            elif verified:
-                fates[e] = "queued" if g in open_groups["labeled"] else "lost@learn"
-            elif generated:
-                fates[e] = "queued" if g in open_groups["rollouts"] else "lost@verify"
-            else:
-                fates[e] = "queued" if e in open_prompts else "lost@generate"
-    return fates
-
-
-def summarize(fates: dict[str, str], entries: list[str] | None = None) -> Counter:
-    chosen = fates if entries is None else {e: fates.get(e, "lost@unknown") for e in entries}
-    out = Counter()
-    for fate in chosen.values():
-        out["lost" if fate.startswith("lost") else fate] += 1
-    return out
-
-
 def in_flight(
     client: redis.Redis, keys: Keys, stream: str, owner: Callable[[str], bool]
 ) -> list[str]:
     """Prompt entry ids whose group sits, unacknowledged, with a consumer ``owner`` accepts."""
-    key = keys.stream(stream)
-    if not client.exists(key):
-        return []
-    rows = client.xpending_range(key, STREAM_GROUPS[stream], "-", "+", 10**6)
-    ids = [_s(r["message_id"]) for r in rows if owner(_s(r["consumer"]))]
+    queue = StreamQueue(client, keys, stream, Message)
+    ids = [entry_id for entry_id, consumer in queue.pending().items() if owner(consumer)]
     if stream == "prompts":
         return ids
-    out = []
-    for entry_id in ids:
-        found = client.xrange(key, min=entry_id, max=entry_id)
-        if found:
-            group = _s(found[0][1].get(b"k", b""))
-            if group.startswith("g-"):
-                out.append(group[2:])
-    return out
+    groups = queue.entry_keys(ids).values()
+    return [entry for entry in map(prompt_entry_of, groups) if entry is not None]
 
 
 # -- the stack under test ------------------------------------------------------------------------
@@ -668,7 +575,8 @@ def check_books(accounting: dict[str, int], fates: dict[str, str]) -> Counter:
 CHAOS_ENV: dict[str, dict[str, str]] = {
     # Keep every entry so that trace_fates can follow each prompt; heartbeat every second.
     "all": {"CONSPO_RETAIN_ENTRIES": "1000000", "CONSPO_HEARTBEAT_S": "1"},
-    # A push to a hung (SIGSTOPped) generator gives up after 10 s. A dead generator is let go
+    # A push to a hung (SIGSTOPped) generator gives up after 10 s (a run setting: learner and
+    # generators must agree, conspo.settings.RunSettings). A dead generator is let go
     # by the defaults (its registration lapses 3 beats after its last, its flow lease is
     # renewed by the heartbeat and expires 10 s later, its prompts are handed back once its
     # heartbeat is 5 beats old): the suite checks the defaults, not a tuned stack.
@@ -818,10 +726,7 @@ class Submitter:
         assert not self._thread.is_alive(), "submitter did not finish its last request"
 
     def _outstanding(self, client: redis.Redis) -> int:
-        from conspo.protocol import Prompt
-        from conspo.queue import StreamQueue
-
-        return StreamQueue(client, self.stack.keys, "prompts", Prompt).backlog().outstanding
+        return StreamQueue(client, self.stack.keys, "prompts", Message).depth().outstanding
 
     def _run(self) -> None:
         client = self.stack.direct()

@@ -8,7 +8,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from conspo.incarnation import LOST, TOMBSTONE, Incarnation, incarnation_key
+from conspo.incarnation import LOST, TOMBSTONE, Incarnation
 
 pytestmark = pytest.mark.chaos
 
@@ -17,7 +17,7 @@ def test_first_process_writes_the_token_and_the_others_adopt_it(redis_client, ke
     a, b = Incarnation(redis_client, keys, "a"), Incarnation(redis_client, keys, "b")
     sa, sb = a.check(), b.check()
     assert sa.token and sa.token == sb.token and not sa.lost and not sb.lost
-    assert redis_client.get(incarnation_key(keys)).decode() == sa.token
+    assert redis_client.get(keys.incarnation).decode() == sa.token
     assert a.check() == sa  # nothing changed, nothing reported
 
 
@@ -25,11 +25,11 @@ def test_a_vanished_key_is_a_loss_reported_once_and_left_as_a_tombstone(redis_cl
     a, b = Incarnation(redis_client, keys, "a"), Incarnation(redis_client, keys, "b")
     token = a.check().token
     b.check()
-    redis_client.delete(incarnation_key(keys))  # what a restart without persistence does
+    redis_client.delete(keys.incarnation)  # what a restart without persistence does
     state = a.check()
     assert state.lost and state.detections == 1 and state.detail.startswith(LOST)
     assert "vanished" in state.detail
-    stored = redis_client.get(incarnation_key(keys)).decode()
+    stored = redis_client.get(keys.incarnation).decode()
     assert stored.startswith(f"{TOMBSTONE}{token}:") and stored.endswith(":a")
     assert a.check().detections == 1  # sticky, not re-counted
     other = b.check()  # the other process learns it from the tombstone
@@ -41,10 +41,10 @@ def test_a_vanished_key_is_a_loss_reported_once_and_left_as_a_tombstone(redis_cl
 def test_a_replaced_token_is_a_loss_too(redis_client, keys):
     a = Incarnation(redis_client, keys, "a")
     a.check()
-    redis_client.set(incarnation_key(keys), "someone-started-afresh")
+    redis_client.set(keys.incarnation, "someone-started-afresh")
     state = a.check()
     assert state.lost and "changed" in state.detail
-    assert redis_client.get(incarnation_key(keys)).decode().startswith(TOMBSTONE)
+    assert redis_client.get(keys.incarnation).decode().startswith(TOMBSTONE)
 
 
 def test_an_unreachable_redis_is_an_outage_not_a_loss(redis_client, keys):

@@ -58,7 +58,9 @@ def stack(chaos_stack):
         env={
             "all": {"CONSPO_VISIBILITY_TIMEOUT_S": "10"},
             "verifier": {"CONSPO_VISIBILITY_TIMEOUT_S": "3"},
+            # A run setting: the generators must agree with the learner (conspo.settings).
             "learner": {"CONSPO_WEIGHT_SYNC_TIMEOUT_S": str(SYNC_TIMEOUT_S)},
+            "generator": {"CONSPO_WEIGHT_SYNC_TIMEOUT_S": str(SYNC_TIMEOUT_S)},
         },
     )
 

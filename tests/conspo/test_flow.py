@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 
 from conspo.flow import CONSUMED, PRODUCED, FlowControl
+from conspo.settings import RunSettings
+from conspo.state import RunStore
 
 
 def make(redis_client, keys, **kw) -> FlowControl:
@@ -40,10 +42,18 @@ def test_generator_too_far_behind_the_learner_must_wait(redis_client, keys):
     assert flow.reserve("g1", 4, served_version=2) == 4
 
 
-def test_learner_published_limits_win(redis_client, keys):
-    flow = make(redis_client, keys, b=4, s=0)
-    flow.publish_limits(batch_groups=2, max_staleness=1)
+def test_the_learners_announced_limits_are_the_ones_enforced(redis_client, keys):
+    flow = make(redis_client, keys, b=4, s=0)  # a generator's own (agreeing) values
+    RunStore(redis_client, keys).announce_run(RunSettings(batch_groups=2, max_staleness=1))
     assert flow.reserve("g1", 100, served_version=0) == 4
+
+
+def test_a_follower_gets_nothing_until_the_learner_has_announced(redis_client, keys):
+    flow = FlowControl(redis_client, keys, batch_groups=None, max_staleness=None)
+    assert flow.reserve("g1", 100, served_version=0) == 0
+    assert not redis_client.hexists(keys.flow_leases, "g1")  # and holds no lease
+    RunStore(redis_client, keys).announce_run(RunSettings(batch_groups=3, max_staleness=0))
+    assert flow.reserve("g1", 100, served_version=0) == 3
 
 
 def test_a_dead_generators_lease_expires(redis_client, keys):

@@ -13,7 +13,15 @@ import redis
 
 from conspo.keys import Keys
 from conspo.protocol import DeadLetter, Prompt, decode
-from conspo.queue import Commit, StreamQueue
+from conspo.queue import (
+    RELEASED,
+    Backlog,
+    Commit,
+    StreamQueue,
+    depths,
+    parse_entry_id,
+    previous_entry_id,
+)
 from conspo.testing import wait_for
 
 WORKER = Path(__file__).with_name("queue_worker.py")
@@ -260,7 +268,7 @@ def test_commit_many_is_one_commit_per_item(redis_client, keys):
 
 def test_a_stream_not_created_yet_is_empty_and_errors_name_the_stream(redis_client, keys):
     q, _ = queues(redis_client, keys)
-    assert q.trim() == 0 and q.prune_consumers() == 0  # nothing published: nothing to do
+    assert q.trim() == 0 and q.forget_dead(lambda _: False, me="c") == 0  # nothing to do
     assert not redis_client.exists(q.key)  # and nothing was created by looking
     redis_client.set(q.key, "not a stream")
     with pytest.raises(redis.ResponseError, match=rf"^stream {q.key}: WRONGTYPE"):
@@ -288,3 +296,82 @@ def test_entries_of_a_gone_consumer_are_handed_back_at_once(redis_client, keys):
     assert sorted(d.key for d in again) == ["p-0", "p-1"]
     assert [d.deliveries for d in again] == [2, 2]  # a redelivery, counted as such
     assert q.release_dead(lambda name: name == "alive-1", me="me") == 0  # "me" is never gone
+
+
+def test_readers_see_entries_without_touching_raw_fields(redis_client, keys):
+    q, _ = queues(redis_client, keys)
+    ids = [q.publish(prompt(i), f"p-{i}") for i in range(5)]
+    redis_client.xadd(q.key, {"k": "junk", "d": b"\x00not msgpack"})
+    entries = list(q.entries())
+    assert [e.entry_id for e in entries[:5]] == ids
+    assert [e.message.prompt_id for e in entries[:5]] == [f"p-{i}" for i in range(5)]
+    assert entries[5].message is None and "msgpack" in entries[5].error
+    got = q.get(ids[2])
+    assert got is not None and got.key == "p-2" and got.message.answer == "4"
+    assert q.get("1-1") is None
+    newest = q.newest(2)
+    assert [e.key for e in newest] == ["junk", "p-4"]
+    assert [e.key for e in q.newest(10, before=ids[2])] == ["p-1", "p-0"]
+    assert q.newest(10, before="0-0") == []
+    assert q.entry_keys([ids[0], ids[3], "1-1"]) == {ids[0]: "p-0", ids[3]: "p-3"}
+
+
+def test_pending_and_unfinished_follow_the_group(redis_client, keys):
+    q, _ = queues(redis_client, keys)
+    assert q.pending() == {} and q.unfinished() == set() and q.depth() == Backlog(0, 0, 0)
+    assert not redis_client.exists(q.key)  # reading created nothing
+    ids = [q.publish(prompt(i), f"p-{i}") for i in range(4)]
+    assert q.unfinished() == set(ids)  # nothing delivered yet
+    first, second = q.read("c1", count=2, block_ms=None)
+    q.ack(first)
+    assert q.pending() == {second.entry_id: "c1"}
+    assert q.unfinished() == {second.entry_id, ids[2], ids[3]}
+    assert q.depth() == Backlog(length=4, pending=1, lag=2)
+    other = StreamQueue(redis_client, keys, "rollouts", Prompt)
+    assert depths([q, other]) == [Backlog(4, 1, 2), Backlog(0, 0, 0)]
+    assert not redis_client.exists(other.key)
+
+
+def test_entry_ids_as_clients_send_them():
+    assert parse_entry_id("12-3") == (12, 3)
+    assert parse_entry_id("12") is None and parse_entry_id(f"{2**64}-0") is None
+    assert previous_entry_id("12-3") == "12-2"
+    assert previous_entry_id("12-0") == f"11-{2**64 - 1}"
+    assert previous_entry_id("0-0") is None and previous_entry_id("x") is None
+
+
+def consumers(client: redis.Redis, q: StreamQueue) -> dict[str, int]:
+    return {c["name"].decode(): int(c["pending"]) for c in client.xinfo_consumers(q.key, q.group)}
+
+
+def test_gone_consumers_leave_the_group_once_they_hold_nothing(redis_client, keys):
+    q, _ = queues(redis_client, keys, visibility_timeout_s=600)
+    for i in range(5):
+        q.publish(prompt(i), f"p-{i}")
+    q.ack(*q.read("gone-idle", count=1, block_ms=None))  # finished its work, then died
+    held = q.read("gone-busy", count=2, block_ms=None)  # died holding two entries
+    q.read("alive-1", count=1, block_ms=None)
+    q.read("me", count=1, block_ms=None)
+    alive = {"alive-1"}.__contains__
+    assert q.forget_dead(alive, me="me") == 1  # only the one that holds nothing
+    assert consumers(redis_client, q) == {"gone-busy": 2, "alive-1": 1, "me": 1}
+    assert q.release_dead(alive, me="me") == 2
+    assert q.forget_dead(alive, me="me") == 1
+    # The handed-back entries wait with the pseudo-consumer, which is never removed.
+    assert consumers(redis_client, q) == {RELEASED: 2, "alive-1": 1, "me": 1}
+    again = q.read("me", count=5, block_ms=None)
+    assert sorted(d.entry_id for d in again) == sorted(d.entry_id for d in held)  # nothing lost
+    assert q.forget_dead(alive, me="me") == 0
+
+
+def test_a_consumer_holding_entries_is_never_removed_whatever_the_caller_saw(
+    redis_client, keys, monkeypatch
+):
+    """The check and the removal are one script: a consumer that read entries after the list of
+    gone consumers was taken (pending 0 there) keeps them."""
+    q, _ = queues(redis_client, keys)
+    q.publish(prompt(1), "p-1")
+    (d,) = q.read("late-reader", count=1, block_ms=None)
+    monkeypatch.setattr(q, "_gone", lambda alive, me: [("late-reader", 0)])  # a stale view
+    assert q.forget_dead(lambda _: False, me="me") == 0
+    assert q.pending() == {d.entry_id: "late-reader"}

@@ -33,31 +33,35 @@ from typing import Any
 
 import redis
 
+from conspo import counters
 from conspo.protocol import DecodeError, Prompt, encode
-from conspo.queue import StreamQueue
+from conspo.queue import XADD_ENTRY, StreamQueue
 from services.api.datasets.store import DatasetStore
 from services.api.redact import redact
 
 log = logging.getLogger(__name__)
 
-_FEED = """
+_FEED = (
+    XADD_ENTRY
+    + """
 -- KEYS[1] lock, KEYS[2] cursor hash, KEYS[3] prompts stream, KEYS[4] counters hash
 -- ARGV[1] owner, ARGV[2] expected epoch, ARGV[3] expected position, ARGV[4] new epoch,
--- ARGV[5] new position, then (k, d) pairs
+-- ARGV[5] new position, ARGV[6] the fed counter, then (k, d) pairs
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
 local epoch = tonumber(redis.call('HGET', KEYS[2], 'epoch') or '0')
 local position = tonumber(redis.call('HGET', KEYS[2], 'position') or '0')
 if epoch ~= tonumber(ARGV[2]) or position ~= tonumber(ARGV[3]) then return -2 end
 local n = 0
-for i = 6, #ARGV, 2 do
-  redis.call('XADD', KEYS[3], '*', 'k', ARGV[i], 'd', ARGV[i + 1])
+for i = 7, #ARGV, 2 do
+  xadd_entry(KEYS[3], ARGV[i], ARGV[i + 1])
   n = n + 1
 end
 redis.call('HSET', KEYS[2], 'epoch', ARGV[4], 'position', ARGV[5])
 redis.call('HINCRBY', KEYS[2], 'fed', n)
-redis.call('HINCRBY', KEYS[4], 'api.prompts_fed', n)
+redis.call('HINCRBY', KEYS[4], ARGV[6], n)
 return n
 """
+)
 
 _ACQUIRE = """
 local owner = redis.call('GET', KEYS[1])
@@ -127,7 +131,7 @@ class DatasetFeeder:
             self._thread.join(timeout)
         for dataset_id in list(self._held):
             with contextlib.suppress(redis.RedisError):  # else the TTL frees it
-                self._release(keys=[self.store.lock_key(dataset_id)], args=[self.owner])
+                self._release(keys=[self.prompts.keys.dataset_lock(dataset_id)], args=[self.owner])
         self._held.clear()
 
     def _loop(self) -> None:
@@ -178,7 +182,8 @@ class DatasetFeeder:
     def _lock(self, dataset_id: str) -> bool:
         got = bool(
             self._acquire(
-                keys=[self.store.lock_key(dataset_id)], args=[self.owner, self.lock_ttl_ms]
+                keys=[self.prompts.keys.dataset_lock(dataset_id)],
+                args=[self.owner, self.lock_ttl_ms],
             )
         )
         if got:
@@ -188,7 +193,7 @@ class DatasetFeeder:
         return got
 
     def _unlock(self, dataset_id: str) -> None:
-        self._release(keys=[self.store.lock_key(dataset_id)], args=[self.owner])
+        self._release(keys=[self.prompts.keys.dataset_lock(dataset_id)], args=[self.owner])
         self._held.discard(dataset_id)
 
     def _order(self, meta: dict[str, Any], epoch: int) -> list[int]:
@@ -215,7 +220,7 @@ class DatasetFeeder:
         if not plan:
             return 0
         loaded = self.store.rows(dataset_id, [index for _, index in plan])
-        args: list[Any] = [self.owner, epoch, position, e, p]
+        args: list[Any] = [self.owner, epoch, position, e, p, counters.API_PROMPTS_FED]
         for (row_epoch, index), row in zip(plan, loaded, strict=True):
             if row is None:
                 raise DecodeError(f"dataset {dataset_id}: row {index} is missing or corrupt")
@@ -231,8 +236,8 @@ class DatasetFeeder:
             args.extend([prompt.prompt_id, encode(prompt, max_bytes=self.prompts.max_entry_bytes)])
         self.prompts.ensure_group()
         keys = [
-            self.store.lock_key(dataset_id),
-            self.store.cursor_key(dataset_id),
+            self.prompts.keys.dataset_lock(dataset_id),
+            self.prompts.keys.dataset_cursor(dataset_id),
             self.prompts.key,
             self.prompts.keys.counters,
         ]

@@ -1,6 +1,6 @@
 """Datasets in Redis, where every api replica can read them.
 
-Layout under the run's namespace (``keys.datasets`` is the index):
+Layout under the run's namespace (named by ``conspo.keys.Keys``; ``keys.datasets`` is the index):
 
 - ``datasets``              hash: dataset id -> JSON metadata (name, source, spec, rows, rejected);
 - ``datasets:<id>:rows``    hash: row index -> JSON prompt row (text or messages, answer, ...);
@@ -26,6 +26,7 @@ from typing import Any
 import redis
 
 from conspo.keys import Keys
+from conspo.redis_conn import as_text
 from services.api.schemas import DatasetInfo
 
 ROW_CHUNK = 1000
@@ -40,19 +41,9 @@ class DatasetStore:
         self.client = client
         self.keys = keys
 
-    # -- key names ------------------------------------------------------------------------------
     @property
     def index(self) -> str:
         return self.keys.datasets
-
-    def rows_key(self, dataset_id: str) -> str:
-        return f"{self.keys.datasets}:{dataset_id}:rows"
-
-    def cursor_key(self, dataset_id: str) -> str:
-        return f"{self.keys.datasets}:{dataset_id}:cursor"
-
-    def lock_key(self, dataset_id: str) -> str:
-        return f"{self.keys.datasets}:{dataset_id}:lock"
 
     # -- creation -------------------------------------------------------------------------------
     def reserve(self, dataset_id: str, meta: dict[str, Any]) -> bool:
@@ -61,7 +52,7 @@ class DatasetStore:
 
     def write_rows(self, dataset_id: str, rows: list[str]) -> None:
         """Store pre-serialized rows (``serialize_rows``) under their index."""
-        key = self.rows_key(dataset_id)
+        key = self.keys.dataset_rows(dataset_id)
         pipe = self.client.pipeline(transaction=False)
         pipe.delete(key)
         for start in range(0, len(rows), ROW_CHUNK):
@@ -73,12 +64,14 @@ class DatasetStore:
 
     def publish_ready(self, dataset_id: str, meta: dict[str, Any]) -> None:
         pipe = self.client.pipeline(transaction=True)
-        pipe.hset(self.cursor_key(dataset_id), mapping={"epoch": 0, "position": 0, "fed": 0})
+        pipe.hset(
+            self.keys.dataset_cursor(dataset_id), mapping={"epoch": 0, "position": 0, "fed": 0}
+        )
         pipe.hset(self.index, dataset_id, json.dumps({**meta, "state": "ready"}))
         pipe.execute()
 
     def discard(self, dataset_id: str) -> None:
-        self.client.delete(self.rows_key(dataset_id), self.cursor_key(dataset_id))
+        self.client.delete(self.keys.dataset_rows(dataset_id), self.keys.dataset_cursor(dataset_id))
         self.client.hdel(self.index, dataset_id)
 
     # -- reading --------------------------------------------------------------------------------
@@ -94,14 +87,14 @@ class DatasetStore:
         )
 
     def cursor(self, dataset_id: str) -> tuple[int, int, int]:
-        raw = self.client.hgetall(self.cursor_key(dataset_id))
-        values = {k.decode(): int(v) for k, v in raw.items()}
+        raw = self.client.hgetall(self.keys.dataset_cursor(dataset_id))
+        values = {as_text(k): int(v) for k, v in raw.items()}
         return values.get("epoch", 0), values.get("position", 0), values.get("fed", 0)
 
     def rows(self, dataset_id: str, indices: list[int]) -> list[dict[str, Any] | None]:
         if not indices:
             return []
-        raw = self.client.hmget(self.rows_key(dataset_id), [str(i) for i in indices])
+        raw = self.client.hmget(self.keys.dataset_rows(dataset_id), [str(i) for i in indices])
         return [_load(r) for r in raw]
 
     def info(self, meta: dict[str, Any]) -> DatasetInfo:

@@ -7,10 +7,10 @@ from typing import Annotated
 
 from fastapi import Depends, Query
 
+from conspo.queue import parse_entry_id
 from services.api.auth import v1_router
 from services.api.context import AppContext, get_ctx
 from services.api.errors import ApiError, error_responses
-from services.api.ids import parse_entry_id, previous_entry_id
 from services.api.routes.lineage import dead_letter_view
 from services.api.schemas import DeadList
 
@@ -31,17 +31,8 @@ def list_dead(
         Query(pattern=r"^\d{1,20}-\d{1,20}$", description="Only letters older than this id."),
     ] = None,
 ) -> DeadList:
-    if before is None:
-        upper: str | None = "+"
-    else:
-        if parse_entry_id(before) is None:
-            raise ApiError(422, "validation_error", f"{before!r} is not a stream entry id")
-        upper = previous_entry_id(before)
-    entries = ctx.client.xrevrange(ctx.keys.dead, max=upper, min="-", count=limit) if upper else []
-    items = [dead_letter_view(_s(i), fields) for i, fields in entries]
+    if before is not None and parse_entry_id(before) is None:
+        raise ApiError(422, "validation_error", f"{before!r} is not a stream entry id")
+    items = [dead_letter_view(e) for e in ctx.dead.newest(limit, before=before)]
     next_before = items[-1].dead_entry_id if len(items) == limit else None
     return DeadList(items=items, count=len(items), next_before=next_before)
-
-
-def _s(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

@@ -17,19 +17,11 @@ from typing import Annotated
 from fastapi import Depends, Path
 
 from conspo.lineage import GENERATE, LEARN, VERIFY, parse_learn_marker, prompt_entry_of
-from conspo.protocol import (
-    DeadLetter,
-    DecodeError,
-    LabeledGroup,
-    M,
-    Prompt,
-    RolloutGroup,
-    decode,
-)
+from conspo.protocol import DeadLetter, LabeledGroup, M, Prompt, RolloutGroup
+from conspo.queue import Entry, markers, parse_entry_id
 from services.api.auth import v1_router
 from services.api.context import AppContext, get_ctx
 from services.api.errors import ApiError, error_responses
-from services.api.ids import parse_entry_id
 from services.api.redact import redact
 from services.api.schemas import (
     CompletionView,
@@ -44,12 +36,6 @@ router = v1_router(tags=["lineage"])
 TEXT_LIMIT = 16_000
 
 
-def _s(value: bytes | str | None) -> str:
-    if value is None:
-        return ""
-    return value.decode(errors="replace") if isinstance(value, bytes) else value
-
-
 def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
@@ -59,35 +45,29 @@ def read_entry(
 ) -> M | None:
     if parse_entry_id(entry_id) is None:
         return None
-    rows = ctx.client.xrange(ctx.keys.stream(stream), min=entry_id, max=entry_id, count=1)
-    if not rows or not rows[0][1]:
-        return None
-    try:
-        return decode(rows[0][1].get(b"d", b""), kind, max_bytes=ctx.settings.max_entry_bytes)
-    except DecodeError as exc:
-        notes.append(f"{stream} entry {entry_id} is undecodable: {redact(exc)[:300]}")
-        return None
+    entry = ctx.queue(stream, kind).get(entry_id)
+    if entry is not None and entry.message is None:
+        notes.append(f"{stream} entry {entry_id} is undecodable: {redact(entry.error)[:300]}")
+    return entry.message if entry is not None else None
 
 
-def dead_letter_view(dead_entry_id: str, fields: dict) -> DeadLetterView:
-    key = _s(fields.get(b"k"))
-    try:
-        letter = decode(fields.get(b"d", b""), DeadLetter)
-    except DecodeError as exc:
+def dead_letter_view(entry: Entry[DeadLetter]) -> DeadLetterView:
+    letter = entry.message
+    if letter is None:
         return DeadLetterView(
-            dead_entry_id=dead_entry_id,
+            dead_entry_id=entry.entry_id,
             source="?",
             entry_id="",
-            key=key,
-            reason=f"undecodable dead letter: {redact(exc)[:300]}",
+            key=entry.key,
+            reason=f"undecodable dead letter: {redact(entry.error)[:300]}",
             deliveries=0,
             consumer="",
         )
     return DeadLetterView(
-        dead_entry_id=dead_entry_id,
+        dead_entry_id=entry.entry_id,
         source=letter.source,
         entry_id=letter.entry_id,
-        key=key,
+        key=entry.key,
         reason=redact(letter.reason),
         deliveries=letter.deliveries,
         consumer=letter.consumer,
@@ -124,12 +104,11 @@ def lineage(ctx: AppContext, group_id: str) -> RolloutLineage:
             f"{group_id[:100]!r} is not a group id (expected g-<prompt entry id>)",
         )
     notes: list[str] = []
-    client, keys = ctx.client, ctx.keys
-    pipe = client.pipeline(transaction=False)
-    pipe.get(keys.done(GENERATE, prompt_entry))
-    pipe.get(keys.done(VERIFY, group_id))
-    pipe.get(keys.done(LEARN, group_id))
-    generated, verified, learned = (None if v is None else _s(v) for v in pipe.execute())
+    generated, verified, learned = markers(
+        ctx.client,
+        ctx.keys,
+        [(GENERATE, prompt_entry), (VERIFY, group_id), (LEARN, group_id)],
+    )
 
     prompt = read_entry(ctx, "prompts", prompt_entry, Prompt, notes)
     rollout_view: RolloutView | None = None
@@ -226,11 +205,9 @@ def _dead_letters(
     if labeled_entry:
         wanted_entries.add(("labeled", labeled_entry))
     found = []
-    entries = ctx.client.xrevrange(ctx.keys.dead, count=ctx.settings.dead_scan_limit)
-    for dead_id, fields in entries:
-        key = _s(fields.get(b"k"))
-        view = dead_letter_view(_s(dead_id), fields)
-        if key in wanted_keys or (view.source, view.entry_id) in wanted_entries:
+    for entry in ctx.dead.newest(ctx.settings.dead_scan_limit):
+        view = dead_letter_view(entry)
+        if entry.key in wanted_keys or (view.source, view.entry_id) in wanted_entries:
             found.append(view)
     return found
 

@@ -12,7 +12,6 @@ state hash.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from typing import Annotated, Any
@@ -20,6 +19,7 @@ from typing import Annotated, Any
 from fastapi import Depends, Query
 
 from conspo.protocol import DecodeError, WeightAnnouncement, decode
+from conspo.redis_conn import as_text
 from conspo.state import WAITING_FIELD, Waiting, parse_waiting
 from services.api.auth import v1_router
 from services.api.context import AppContext, get_ctx
@@ -36,7 +36,7 @@ from services.api.schemas import (
 
 router = v1_router(tags=["status"])
 ALIVE_INTERVALS = 3
-SERVED_PREFIX = "served:"
+SERVED_PREFIX = "served:"  # conspo.weight_sync.membership.SERVED_PREFIX
 
 
 def _int(value: Any) -> int | None:
@@ -46,27 +46,18 @@ def _int(value: Any) -> int | None:
         return None
 
 
-def _s(value: bytes | str) -> str:
-    return value.decode(errors="replace") if isinstance(value, bytes) else value
-
-
-def _counters(ctx: AppContext) -> dict[str, int]:
-    out = {}
-    for name, value in ctx.client.hgetall(ctx.keys.counters).items():
-        number = _int(value)
-        if number is not None:
-            out[_s(name)] = number
-    return out
-
-
 def _weights(ctx: AppContext) -> WeightsView:
+    # The weights hash is conspo.weight_sync.membership's; its readers are not used here because
+    # importing that package loads torch, which the api does not otherwise need.
     view = WeightsView()
     for raw_name, raw_value in ctx.client.hgetall(ctx.keys.weights).items():
-        name = _s(raw_name)
+        name = as_text(raw_name)
         if name.startswith(SERVED_PREFIX):
             instance = name[len(SERVED_PREFIX) :]
             number = _int(raw_value)
-            view.served[instance] = number if number is not None else redact(_s(raw_value))[:200]
+            view.served[instance] = (
+                number if number is not None else redact(as_text(raw_value))[:200]
+            )
             continue
         number = _int(raw_value)
         if name in ("version", "current_version") and number is not None:
@@ -120,22 +111,14 @@ def _clean_value(value: Any) -> Any:
 
 def _series(ctx: AppContext, name: str, points: int) -> list[dict[str, Any]]:
     """Learning-curve points (JSON objects the learner appends); garbage entries are skipped."""
-    out = []
-    for raw in ctx.client.lrange(ctx.keys.metrics_series(name), -points, -1):
-        try:
-            point = json.loads(raw)
-        except ValueError:
-            continue
-        if not isinstance(point, dict):
-            continue
-        out.append(
-            {
-                str(k): MASK if is_secret_name(str(k)) else _clean_value(v)
-                for k, v in point.items()
-                if isinstance(v, int | float | str | bool) or v is None
-            }
-        )
-    return out
+    return [
+        {
+            str(k): MASK if is_secret_name(str(k)) else _clean_value(v)
+            for k, v in point.items()
+            if isinstance(v, int | float | str | bool) or v is None
+        }
+        for point in ctx.store.series(name, points)
+    ]
 
 
 def _waiting(raw: str | None) -> Waiting | None:
@@ -147,7 +130,7 @@ def _waiting(raw: str | None) -> Waiting | None:
 
 def run_status(ctx: AppContext, points: int) -> RunStatus:
     incarnation = ctx.incarnation.check()
-    raw_fields = {_s(k): _s(v) for k, v in ctx.client.hgetall(ctx.keys.state).items()}
+    raw_fields = ctx.store.fields()
     waiting = _waiting(raw_fields.pop(WAITING_FIELD, None))
     fields = redact_mapping(raw_fields)
     curves = Curves(train=_series(ctx, "train", points), eval=_series(ctx, "eval", points))
@@ -161,7 +144,7 @@ def run_status(ctx: AppContext, points: int) -> RunStatus:
         policy_version=_int(fields.get("policy_version")),
         waiting=waiting,
         fields=fields,
-        counters=_counters(ctx),
+        counters=ctx.store.counters(),
         curves=curves,
         queues=all_depths(ctx.client, ctx.keys),
         services=services,

@@ -1,4 +1,6 @@
-"""ConSPO against the math of docs/design/conspo.md (Lemma 2, the InfoNCE form, the margin ramp).
+"""ConSPO against the math of the design note ../shared/design/conspo.md (ConSPO items 2-4: the
+per-group objective in its InfoNCE and softplus forms, the gradients with respect to the scores,
+the margin ramp).
 
 Expected values are computed here from the note's formulas with plain Python floats / explicit
 loops in float64, never from the code under test.
@@ -45,7 +47,7 @@ def make_groups(seed: int, sizes: list[int], *, score_scale: float = 3.0):
 
 
 def lemma2(scores, rewards, group_ids, tau, margin):
-    """dJ_g/ds for every completion, from the closed forms of Lemma 2 (Python loops)."""
+    """dJ_g/ds for every completion, from the closed forms of ConSPO item 3 (Python loops)."""
     s = scores.tolist()
     out = [0.0] * len(s)
     for gid in set(group_ids.tolist()):

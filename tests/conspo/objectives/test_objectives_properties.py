@@ -58,7 +58,7 @@ def test_conspo_finite_and_coefficients_are_the_gradient(batch, tau, margin):
     coef = conspo_coefficients(
         sequence_scores(lp.detach(), mask), rewards, gids, tau=tau, margin=margin
     )
-    # Lemma 2: coefficients sum to zero inside every group.
+    # ConSPO item 3 of the design note: coefficients sum to zero inside every group.
     for gid in gids.unique():
         in_group = coef[gids == gid]
         assert abs(float(in_group.sum())) <= 1e-9 * max(1.0, float(in_group.abs().sum()))

@@ -89,6 +89,9 @@ def generator_settings(redis_url: str, run_name: str, **overrides: Any) -> Gener
         "backoff_s": 0.05,
         "backoff_max_s": 0.2,
         "seed": 7,
+        # No learner in these tests: the generator's own limits stand in for its announcement.
+        "batch_groups": 32,
+        "max_staleness": 1,
     }
     base.update(overrides)
     return load(GeneratorSettings, **base)

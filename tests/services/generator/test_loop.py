@@ -6,11 +6,15 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from conspo.flow import CONSUMED, FlowControl
+import pytest
+
+from conspo.flow import CONSUMED
 from conspo.lineage import GENERATE
 from conspo.protocol import ChatMessage, DeadLetter, Prompt, decode
 from conspo.queue import StreamQueue
 from conspo.service import ServiceRuntime
+from conspo.settings import RunSettings, RunSettingsMismatchError
+from conspo.state import RunStore
 from conspo.testing import wait_for
 from services.generator.backends.base import BackendError
 from services.generator.loop import GeneratorLoop
@@ -110,11 +114,9 @@ def test_unusable_prompts_are_dead_lettered_with_the_reason(
 def test_flow_control_holds_generation_to_the_learners_budget(
     hf_backend, run_loop, redis_client, keys, read_rollouts
 ):
-    FlowControl(redis_client, keys, batch_groups=2, max_staleness=0).publish_limits(
-        batch_groups=2, max_staleness=0
-    )
+    RunStore(redis_client, keys).announce_run(RunSettings(batch_groups=2, max_staleness=0))
     publish(redis_client, keys, [arith(i) for i in range(6)])
-    with run_loop(hf_backend, batch_groups=50, max_staleness=3) as running:
+    with run_loop(hf_backend, batch_groups=None, max_staleness=None) as running:  # follows
         assert wait_for(lambda: len(read_rollouts()) == 2, TIMEOUT)
         # Nobody consumes: the generator keeps polling but must not produce a third group.
         deadline = time.monotonic() + 1.5
@@ -282,9 +284,7 @@ def test_a_generator_held_back_by_flow_control_says_so(hf_backend, settings_for,
     settings = settings_for(max_staleness=0)
     runtime = ServiceRuntime(settings, "generator")
     try:
-        FlowControl(runtime.client, keys, batch_groups=2, max_staleness=0).publish_limits(
-            batch_groups=2, max_staleness=0
-        )
+        runtime.store.announce_run(RunSettings(batch_groups=2, max_staleness=0))
         runtime.store.set_fields(policy_version=3)
         loop = GeneratorLoop(runtime, settings, hf_backend, served_version=1)
         caplog.set_level("INFO", logger="services.generator.loop")
@@ -300,3 +300,29 @@ def test_a_generator_held_back_by_flow_control_says_so(hf_backend, settings_for,
         assert caplog.text.count("no generation budget") == 1  # at most once a minute
     finally:
         runtime.client.close()
+
+
+def test_a_following_generator_waits_for_the_learner_to_announce_its_limits(
+    hf_backend, run_loop, redis_client, keys, read_rollouts
+):
+    publish(redis_client, keys, [arith(i) for i in range(4)])
+    with run_loop(hf_backend, batch_groups=None, max_staleness=None) as running:
+        time.sleep(1.0)
+        assert read_rollouts() == [] and running.runtime.status == "waiting"
+        RunStore(redis_client, keys).announce_run(RunSettings(batch_groups=1, max_staleness=1))
+        assert wait_for(lambda: len(read_rollouts()) == 2, TIMEOUT)  # (s + 1) * B
+
+
+def test_a_generator_whose_own_limits_disagree_with_the_learner_stops_naming_both(
+    hf_backend, run_loop, redis_client, keys, read_rollouts
+):
+    RunStore(redis_client, keys).announce_run(RunSettings(batch_groups=2, max_staleness=0))
+    publish(redis_client, keys, [arith(i) for i in range(4)])
+    with (
+        pytest.raises(RunSettingsMismatchError) as caught,
+        run_loop(hf_backend, batch_groups=50, max_staleness=0) as running,
+    ):
+        assert wait_for(lambda: not running.thread.is_alive(), TIMEOUT)
+    assert "batch_groups: this generator has 50" in str(caught.value)
+    assert "the learner announced 2" in str(caught.value)
+    assert read_rollouts() == []  # nothing generated under the wrong limits

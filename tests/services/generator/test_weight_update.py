@@ -75,6 +75,9 @@ def test_broadcast_reaches_a_running_generator(
         "CONSPO_HEARTBEAT_S": "0.5",
         "CONSPO_WEIGHT_SYNC_TIMEOUT_S": "30",
         "CONSPO_WEIGHT_SYNC_BACKEND": "gloo",
+        # No learner announces run settings here: the generator's own limits stand in.
+        "CONSPO_BATCH_GROUPS": "32",
+        "CONSPO_MAX_STALENESS": "1",
         "CONSPO_DEVICE": "cpu",
         "PYTHONUNBUFFERED": "1",
     }

@@ -56,7 +56,7 @@ def test_conspo_step_raises_positive_scores_and_lowers_negative_ones(model_path,
     gaps_after = [_group_gap(g, s) for g, s in zip(groups, after, strict=True)]
     assert sum(a > b for b, a in zip(gaps_before, gaps_after, strict=True)) >= 6
     # At tau = 10 the scores are close relative to tau, so each positive's P_i is near
-    # 1/(1 + N-) (docs/conspo.md, section 7).
+    # 1/(1 + N-) (../shared/design/conspo.md, ConSPO item 7).
     assert stats.diagnostics["mean_p_pos"] == pytest.approx(
         stats.diagnostics["mean_p_pos_uniform"], rel=0.1
     )
