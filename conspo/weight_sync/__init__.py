@@ -15,6 +15,7 @@ wire format, the group lifecycle and the staging work the way they do.
 """
 
 from conspo.weight_sync.checkpoint import checkpoint_files, load_checkpoint
+from conspo.weight_sync.follower import CheckpointFollower, Follower
 from conspo.weight_sync.group import (
     DEFAULT_BUCKET_BYTES,
     BroadcastResult,
@@ -46,6 +47,7 @@ from conspo.weight_sync.membership import (
 )
 from conspo.weight_sync.publisher import PushReport, WeightPublisher
 from conspo.weight_sync.subscriber import (
+    CheckpointLoader,
     LocalReceiver,
     Receiver,
     StagedWeights,
@@ -56,6 +58,9 @@ __all__ = [
     "DEFAULT_BUCKET_BYTES",
     "BroadcastResult",
     "BufferPool",
+    "CheckpointFollower",
+    "CheckpointLoader",
+    "Follower",
     "GroupError",
     "Header",
     "Layout",

@@ -85,7 +85,16 @@ def _ann_key(ann: WeightAnnouncement) -> tuple[int, int, float]:
     return (ann.version, ann.rendezvous.epoch if ann.rendezvous else -1, ann.created_at)
 
 
-class Receiver(Protocol):
+class CheckpointLoader(Protocol):
+    """Stages the checkpoint an announcement names (``LocalReceiver`` reads the tensors; an
+    engine that reads files itself stages the path)."""
+
+    def load_checkpoint(self, announcement: WeightAnnouncement) -> StagedWeights:
+        """Stage ``announcement.checkpoint_path`` (raise OSError/KeyError/ValueError if not)."""
+        ...
+
+
+class Receiver(CheckpointLoader, Protocol):
     """What a subscriber delegates the tensor work to; the default is ``LocalReceiver``.
 
     An engine whose weights live in another process (e.g. a vLLM worker that joins the group
@@ -103,10 +112,6 @@ class Receiver(Protocol):
 
     def leave(self, rendezvous: Rendezvous) -> None:
         """Leave that group; a receive still running in it may finish or fail on its own."""
-        ...
-
-    def load_checkpoint(self, announcement: WeightAnnouncement) -> StagedWeights:
-        """Stage ``announcement.checkpoint_path`` (raise OSError/KeyError/ValueError if not)."""
         ...
 
 

@@ -311,7 +311,7 @@ class ConspoWorkerExtension:
         timeout_s: float,
     ) -> None:
         from conspo.weight_sync import LayoutMismatchError, layout_of, open_group
-        from services.generator.weights import template_from_specs
+        from services.generator.backends.templates import template_from_specs
 
         state = self._conspo_state()
         t0 = time.perf_counter()

@@ -13,8 +13,11 @@ what stands behind it depends on where the engine's weights live:
   boundary twice.
 - ``vllm`` with tensor parallelism: one member can only be one rank of the learner's group, and
   every TP worker needs the full tensors, so these generators do not register for broadcasts;
-  ``CheckpointFollower`` stages every announced checkpoint instead (the learner checkpoints for
-  late joiners anyway).
+  ``conspo.weight_sync.CheckpointFollower`` stages every announced checkpoint instead (the
+  learner checkpoints for late joiners anyway).
+
+Which path a backend takes follows from its type: an ``EngineBackend`` holds its weights in its
+own processes, any other ``Backend`` in this one (``services.generator.backends.base``).
 
 Late join (``initial_load``): before the first request, if the learner has announced a version
 with a checkpoint newer than what the engine loaded, the engine loads it synchronously; the
@@ -24,33 +27,33 @@ subscriber later stages the same checkpoint, which the loop recognises and skips
 from __future__ import annotations
 
 import logging
-import threading
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import redis
-import torch
 
+from conspo.keys import Keys
 from conspo.protocol import Rendezvous, WeightAnnouncement
 from conspo.service import ServiceRuntime
 from conspo.settings import GeneratorSettings
 from conspo.weight_sync import (
+    CheckpointFollower,
+    Follower,
     LayoutMismatchError,
+    Receiver,
     StagedWeights,
     WeightSubscriber,
     WeightSyncError,
     read_announcement,
 )
-from conspo.weight_sync.layout import dtype_from_name, dtype_name
-from conspo.weight_sync.membership import report_served as _report_served
+from services.generator.backends.base import Backend, EngineBackend
 
 log = logging.getLogger(__name__)
 
-TensorList = list[tuple[str, torch.Tensor]]
+Apply = Callable[[StagedWeights], None]
 
 
 @dataclass
@@ -62,14 +65,11 @@ class EngineStaged(StagedWeights):
 
 
 class WeightSync:
-    """The loop's view of weight updates."""
+    """The loop's view of weight updates: a transport's follower and how staged versions reach
+    the engine."""
 
     def __init__(
-        self,
-        follower: Any,
-        apply: Callable[[StagedWeights], None],
-        *,
-        on_close: Callable[[], None] | None = None,
+        self, follower: Follower, apply: Apply, *, on_close: Callable[[], None] | None = None
     ) -> None:
         self.follower = follower
         self._apply = apply
@@ -97,54 +97,8 @@ class WeightSync:
             self._on_close()
 
 
-# -- templates -------------------------------------------------------------------------------------
-def template_from_model(model: torch.nn.Module, dtype: torch.dtype | None = None) -> TensorList:
-    """The (name, tensor) list the learner sends for this architecture: ``named_parameters`` (tied
-    weights once). With ``dtype``, meta tensors of that dtype stand in (no memory)."""
-    out = []
-    for name, p in model.named_parameters():
-        if dtype is None or p.dtype == dtype:
-            out.append((name, p.detach()))
-        else:
-            out.append((name, torch.empty(p.shape, dtype=dtype, device="meta")))
-    return out
-
-
-def template_from_config(model_path: str | Path, dtype: torch.dtype) -> TensorList:
-    """The Hugging Face parameter list of the model at ``model_path``, as meta tensors.
-
-    The vLLM engine's own parameters are fused and sharded (``qkv_proj``, ``gate_up_proj``);
-    the learner sends Hugging Face names, which vLLM's ``load_weights`` maps. So the template is
-    built from the checkpoint's config on the meta device: names, shapes and dtype, no memory.
-    """
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(str(model_path), local_files_only=True)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return [(n, p.detach()) for n, p in model.named_parameters()]
-
-
-def specs_of(template: TensorList) -> list[list[Any]]:
-    """A plain-data description of a template (crosses vLLM's RPC without pickling)."""
-    return [[name, list(t.shape), dtype_name(t.dtype)] for name, t in template]
-
-
-def template_from_specs(specs: list[list[Any]]) -> TensorList:
-    return [
-        (str(name), torch.empty(tuple(shape), dtype=dtype_from_name(dt), device="meta"))
-        for name, shape, dt in specs
-    ]
-
-
-def sync_dtype(setting: str) -> torch.dtype:
-    """The dtype the learner sends: a generator's ``weight_sync_dtype`` (``auto``: float32, the
-    learner's default), whatever dtype its engine serves in; both backends cast on load."""
-    return torch.float32 if setting == "auto" else dtype_from_name(setting)
-
-
 # -- late join -------------------------------------------------------------------------------------
-def initial_load(client: redis.Redis, keys: Any, backend: Any, loaded_version: int = 0) -> int:
+def initial_load(client: redis.Redis, keys: Keys, backend: Backend, loaded_version: int = 0) -> int:
     """Load the announced checkpoint if it is newer than ``loaded_version``; returns the version
     the engine serves afterwards (``loaded_version`` when there is nothing newer to load or the
     load failed: the subscriber then retries from the next announcement)."""
@@ -179,17 +133,14 @@ def initial_load(client: redis.Redis, keys: Any, backend: Any, loaded_version: i
     return ann.version
 
 
-# -- the in-process (hf) path ---------------------------------------------------------------------
-def hf_template(model: torch.nn.Module, weight_sync_dtype: str) -> TensorList:
-    """What the hf engine expects from the learner: its parameters in the LEARNER's dtype, not
-    the engine's own (bf16 on a GPU); ``load_weights`` casts on receipt."""
-    return template_from_model(model, sync_dtype(weight_sync_dtype))
-
-
-def start_hf_sync(runtime: ServiceRuntime, settings: GeneratorSettings, backend: Any) -> WeightSync:
-    model = backend.model
-    device = next(model.parameters()).device
-    template = hf_template(model, settings.weight_sync_dtype)
+# -- following ------------------------------------------------------------------------------------
+def subscribe(
+    runtime: ServiceRuntime,
+    settings: GeneratorSettings,
+    backend: Backend,
+    receiver: Receiver | None = None,
+) -> WeightSubscriber:
+    """A started broadcast follower for ``backend`` (``receiver=None``: into this process)."""
     subscriber = WeightSubscriber(
         runtime.client,
         runtime.keys,
@@ -197,14 +148,24 @@ def start_hf_sync(runtime: ServiceRuntime, settings: GeneratorSettings, backend:
         backend=settings.weight_sync_backend,
         timeout_s=settings.weight_sync_timeout_s,
         heartbeat_s=settings.heartbeat_s,
-        device=device,
+        # Where the tensors are received: the learner is offered NCCL only on a GPU.
+        device=backend.device,
+        receiver=receiver,
     )
-    subscriber.start(template)
+    subscriber.start(backend.weight_template)
+    return subscriber
+
+
+def start_hf_sync(
+    runtime: ServiceRuntime, settings: GeneratorSettings, backend: Backend
+) -> WeightSync:
+    """Weights in this process: the subscriber receives into staging tensors, ``load_weights``
+    copies them in."""
 
     def apply(staged: StagedWeights) -> None:
         backend.load_weights(staged.tensors.items())
 
-    return WeightSync(subscriber, apply)
+    return WeightSync(subscribe(runtime, settings, backend), apply)
 
 
 # -- the engine-side (vllm) path ------------------------------------------------------------------
@@ -218,7 +179,7 @@ class EngineReceiver:
     Checkpoints are staged as their path and read by the worker when applied.
     """
 
-    def __init__(self, engine: Any, *, timeout_s: float) -> None:
+    def __init__(self, engine: EngineBackend, *, timeout_s: float) -> None:
         self.engine = engine
         self.timeout_s = timeout_s
         self.poll_s = 0.05
@@ -278,69 +239,11 @@ class EngineReceiver:
         )
 
 
-class CheckpointFollower:
-    """Stages every announced checkpoint (polling the ``current`` announcement); for engines
-    that cannot take part in broadcasts. Never registers as a group member."""
-
-    def __init__(self, client: redis.Redis, keys: Any, instance: str, *, poll_s: float) -> None:
-        self.client = client
-        self.keys = keys
-        self.instance = instance
-        self.poll_s = poll_s
-        self.last_error: str | None = None
-        self._latest: WeightAnnouncement | None = None
-        self._staged: EngineStaged | None = None
-        self._have = -1
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="weights-checkpoints", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.poll_s):
-            try:
-                ann = read_announcement(self.client, self.keys)
-            except redis.RedisError as exc:
-                self.last_error = f"redis: {exc}"
-                continue
-            if ann is None:
-                continue
-            self._latest = ann
-            if ann.checkpoint_path and ann.version != self._have:
-                with self._lock:
-                    self._have = ann.version
-                    self._staged = EngineStaged(
-                        version=ann.version,
-                        step=ann.step,
-                        tensors={},
-                        source="checkpoint",
-                        checkpoint_path=ann.checkpoint_path,
-                    )
-
-    def take_staged(self) -> StagedWeights | None:
-        with self._lock:
-            staged, self._staged = self._staged, None
-            return staged
-
-    def report_served(self, version: int) -> None:
-        _report_served(self.client, self.keys, self.instance, version)
-
-    def latest_announcement(self) -> WeightAnnouncement | None:
-        return self._latest
-
-    def close(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=5)
-
-
-def engine_applier(backend: Any) -> Callable[[StagedWeights], None]:
+def engine_applier(backend: EngineBackend) -> Apply:
     """How a staged version reaches an engine that holds its own weights."""
 
     def apply(staged: StagedWeights) -> None:
-        path = getattr(staged, "checkpoint_path", None)
+        path = staged.checkpoint_path if isinstance(staged, EngineStaged) else None
         if staged.source == "checkpoint" and path:
             backend.load_checkpoint(path)
         elif isinstance(staged, EngineStaged) and staged.ticket:
@@ -352,34 +255,27 @@ def engine_applier(backend: Any) -> Callable[[StagedWeights], None]:
 
 
 def start_engine_sync(
-    runtime: ServiceRuntime, settings: GeneratorSettings, backend: Any
+    runtime: ServiceRuntime, settings: GeneratorSettings, backend: EngineBackend
 ) -> WeightSync:
-    apply = engine_applier(backend)
-    if not backend.receives_broadcast:
-        follower = CheckpointFollower(
-            runtime.client, runtime.keys, runtime.instance, poll_s=settings.heartbeat_s
+    """Weights in the engine's processes: its worker receives broadcasts itself, or, when it
+    cannot (tensor parallel), the engine reads each announced checkpoint."""
+    receiver = EngineReceiver(backend, timeout_s=settings.weight_sync_timeout_s)
+    follower: Follower
+    if backend.receives_broadcast:
+        follower = subscribe(runtime, settings, backend, receiver)
+    else:
+        checkpoints = CheckpointFollower(
+            runtime.client, runtime.keys, runtime.instance, receiver, poll_s=settings.heartbeat_s
         )
-        follower.start()
-        return WeightSync(follower, apply)
-    subscriber = WeightSubscriber(
-        runtime.client,
-        runtime.keys,
-        runtime.instance,
-        backend=settings.weight_sync_backend,
-        timeout_s=settings.weight_sync_timeout_s,
-        heartbeat_s=settings.heartbeat_s,
-        # Where the engine's worker receives: it offers NCCL to the learner only on a GPU.
-        device=backend.device,
-        receiver=EngineReceiver(backend, timeout_s=settings.weight_sync_timeout_s),
-    )
-    subscriber.start(backend.weight_template)
-    return WeightSync(subscriber, apply)
+        checkpoints.start()
+        follower = checkpoints
+    return WeightSync(follower, engine_applier(backend))
 
 
 def start_weight_sync(
-    runtime: ServiceRuntime, settings: GeneratorSettings, backend: Any
+    runtime: ServiceRuntime, settings: GeneratorSettings, backend: Backend
 ) -> WeightSync:
     """The follower that fits ``backend`` (see the module docstring)."""
-    if backend.name == "hf":
-        return start_hf_sync(runtime, settings, backend)
-    return start_engine_sync(runtime, settings, backend)
+    if isinstance(backend, EngineBackend):
+        return start_engine_sync(runtime, settings, backend)
+    return start_hf_sync(runtime, settings, backend)

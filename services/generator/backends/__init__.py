@@ -13,6 +13,7 @@ from services.generator.backends.base import (
     Backend,
     BackendDeadError,
     BackendError,
+    EngineBackend,
     GenerationCancelledError,
     WeightLoadError,
     per_prompt,
@@ -25,6 +26,7 @@ __all__ = [
     "Backend",
     "BackendDeadError",
     "BackendError",
+    "EngineBackend",
     "GenerationCancelledError",
     "WeightLoadError",
     "build_backend",
@@ -52,6 +54,7 @@ def build_backend(settings: GeneratorSettings) -> Backend:
             device=settings.device,
             seed_mode=settings.hf_seed_mode,
             cpu_threads=settings.cpu_threads,
+            weight_sync_dtype=settings.weight_sync_dtype,
         )
     if settings.backend == "vllm":
         from services.generator.backends.vllm import VLLMBackend

@@ -20,6 +20,14 @@ Contract (both backends, tested by ``tests/services/generator/test_backend_contr
 - ``load_weights`` replaces parameters by name; it validates every name and shape before the first
   copy, so a bad push leaves the model untouched, never half-updated. It is only ever called
   between two ``generate`` calls.
+- ``weight_template`` is what the engine expects from the learner (``backends.templates``):
+  Hugging Face names, the engine's shapes, the learner's dtype; its layout hash is what the
+  generator registers for weight sync, so it must equal the learner's.
+
+Where the weights live decides how updates reach them (``services.generator.weights``): ``Backend``
+alone means in this process (the weight subscriber receives tensors, ``load_weights`` copies them
+in); an ``EngineBackend`` holds them in the engine's own processes, which receive broadcasts
+themselves (``start_receive`` ...) or, when they cannot, read checkpoints.
 """
 
 from __future__ import annotations
@@ -27,9 +35,12 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from conspo.protocol import Completion, SamplingParams
+from conspo.protocol import Completion, Rendezvous, SamplingParams
+
+if TYPE_CHECKING:  # this module stays importable without torch (``import services.generator``)
+    import torch
 
 
 class BackendError(RuntimeError):
@@ -57,9 +68,11 @@ class Backend(Protocol):
     tokenizer: Any
     #: Longest prompt + completion the model accepts, in tokens.
     max_model_len: int
-    #: True when the engine receives broadcast weights itself (``receive_broadcast``); False when
-    #: the loop hands it tensors received in this process (``load_weights``).
-    receives_broadcast: bool
+    #: Where the model computes; weight sync offers the learner NCCL only on a CUDA device.
+    device: torch.device
+    #: The (name, tensor) list the learner sends, tensors possibly on the meta device: names,
+    #: shapes and dtypes only (``backends.templates``).
+    weight_template: list[tuple[str, torch.Tensor]]
 
     def generate(
         self,
@@ -80,6 +93,34 @@ class Backend(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class EngineBackend(Backend, Protocol):
+    """A backend whose weights live in the engine's own worker processes (vLLM).
+
+    The worker joins the learner's group itself, so a broadcast never crosses a process boundary
+    twice: ``start_receive`` has it receive one push into its staging area in the background,
+    ``poll_receive`` says how that goes, ``apply_received`` loads it between two engine calls,
+    ``leave_weight_group`` drops a group the learner has abandoned.
+    """
+
+    #: False for a tensor-parallel engine: one member is one rank of the learner's group, and
+    #: every TP worker needs the full tensors, so it follows checkpoints instead of broadcasts.
+    receives_broadcast: bool
+
+    def start_receive(
+        self, ticket: str, rendezvous: Rendezvous, rank: int, *, version: int, timeout_s: float
+    ) -> None: ...
+
+    def poll_receive(self, ticket: str) -> dict[str, Any]:
+        """``done`` once the receive ended; then ``ok``, else ``error`` (and ``refused`` for a
+        layout the worker does not accept)."""
+        ...
+
+    def leave_weight_group(self, rendezvous: Rendezvous) -> None: ...
+
+    def apply_received(self, ticket: str) -> None: ...
 
 
 def per_prompt(

@@ -37,6 +37,7 @@ import torch
 from conspo.models.tiny import context_length
 from conspo.protocol import Completion, SamplingParams
 from services.generator.backends.base import BackendError, WeightLoadError, per_prompt
+from services.generator.backends.templates import TensorList, sync_dtype, template_from_model
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,8 @@ class HFBackend:
     """``Backend`` over a transformers causal LM (see ``backends.base`` for the contract)."""
 
     name = "hf"
-    receives_broadcast = False
+    tokenizer: Any
+    max_model_len: int
 
     def __init__(
         self,
@@ -77,12 +79,14 @@ class HFBackend:
         *,
         seed_mode: SeedMode = "group",
         max_batch_rows: int | None = None,
+        weight_sync_dtype: str = "auto",
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.seed_mode: SeedMode = seed_mode
         self.max_batch_rows = max_batch_rows
         self.max_model_len = context_length(model, tokenizer)
+        self.weight_sync_dtype = weight_sync_dtype
         self._lock = threading.Lock()  # generate / load_weights never interleave
 
     @classmethod
@@ -95,6 +99,7 @@ class HFBackend:
         seed_mode: SeedMode = "group",
         max_batch_rows: int | None = None,
         cpu_threads: int = 1,
+        weight_sync_dtype: str = "auto",
     ) -> HFBackend:
         from conspo.models.tiny import load_policy
 
@@ -109,7 +114,23 @@ class HFBackend:
             next(model.parameters()).dtype,
             context_length(model, tokenizer),
         )
-        return cls(model, tokenizer, seed_mode=seed_mode, max_batch_rows=max_batch_rows)
+        return cls(
+            model,
+            tokenizer,
+            seed_mode=seed_mode,
+            max_batch_rows=max_batch_rows,
+            weight_sync_dtype=weight_sync_dtype,
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def weight_template(self) -> TensorList:
+        """The parameters in the LEARNER's dtype, not the engine's own (bf16 on a GPU):
+        ``load_weights`` casts on receipt."""
+        return template_from_model(self.model, sync_dtype(self.weight_sync_dtype))
 
     # -- generation -------------------------------------------------------------------------------
     def generate(

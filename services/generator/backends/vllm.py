@@ -72,6 +72,12 @@ from services.generator.backends.base import (
     WeightLoadError,
     per_prompt,
 )
+from services.generator.backends.templates import (
+    TensorList,
+    specs_of,
+    sync_dtype,
+    template_from_config,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -143,9 +149,16 @@ def set_cpu_defaults(*, kvcache_gib: int, threads_bind: str) -> None:
 
 
 class VLLMBackend:
-    """``Backend`` over ``vllm.v1.engine.async_llm.AsyncLLM``."""
+    """``EngineBackend`` over ``vllm.v1.engine.async_llm.AsyncLLM``."""
 
     name = "vllm"
+    # Set by ``__init__``; declared here so the class itself shows it meets ``EngineBackend``.
+    tokenizer: Any
+    max_model_len: int
+    device: torch.device
+    receives_broadcast: bool
+    #: The Hugging Face (name, meta tensor) list the learner sends; what the worker expects.
+    weight_template: TensorList
 
     def __init__(
         self,
@@ -213,9 +226,6 @@ class VLLMBackend:
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_path), local_files_only=True)
         self.max_model_len = int(self.engine.model_config.max_model_len)
         engine_dtype = self.engine.model_config.dtype
-        from services.generator.weights import specs_of, sync_dtype, template_from_config
-
-        #: The Hugging Face (name, meta tensor) list the learner sends; what the worker expects.
         sent_dtype = sync_dtype(weight_sync_dtype)
         self.weight_template = template_from_config(self.model_path, sent_dtype)
         self._specs = specs_of(self.weight_template)

@@ -18,13 +18,9 @@ from conspo.protocol import Rendezvous, WeightAnnouncement
 from conspo.testing import wait_for
 from conspo.weight_sync import WeightPublisher, WeightSubscriber, read_members
 from conspo.weight_sync.membership import write_announcement
+from services.generator.backends.templates import specs_of, template_from_config
 from services.generator.vllm_worker import ConspoWorkerExtension
-from services.generator.weights import (
-    EngineReceiver,
-    engine_applier,
-    specs_of,
-    template_from_config,
-)
+from services.generator.weights import EngineReceiver, engine_applier
 
 TIMEOUT = 60.0
 

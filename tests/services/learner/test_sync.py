@@ -11,7 +11,7 @@ from conspo.models.tiny import build_tiny_model
 from conspo.protocol import Heartbeat
 from conspo.state import RunStore
 from conspo.weight_sync.layout import layout_of
-from services.generator.weights import hf_template
+from services.generator.backends.hf import HFBackend
 from services.learner.sync import colocated_generators, parameter_list
 
 
@@ -37,13 +37,14 @@ def test_the_pushed_layout_matches_a_bf16_generators_template():
     # engine's dtype while the learner pushed float32 master weights; every push was refused
     # as a layout mismatch. Both sides now follow weight_sync_dtype (float32 by default).
     learner_model, _ = build_tiny_model(seed=0)
-    served, _ = build_tiny_model(seed=1)
+    served, tokenizer = build_tiny_model(seed=1)
     served.to(torch.bfloat16)
     for setting in ("float32", "bfloat16"):
         dtype = getattr(torch, setting)
         pushed = layout_of(parameter_list(learner_model, None, dtype=dtype))
         generator_setting = "auto" if setting == "float32" else setting
-        template = hf_template(served, generator_setting)
+        engine = HFBackend(served, tokenizer, weight_sync_dtype=generator_setting)
+        template = engine.weight_template
         assert pushed.hash == layout_of(template).hash, setting
     full = dict(learner_model.named_parameters())  # the gathered-state route (FSDP2)
     assert layout_of(parameter_list(learner_model, full)).hash == layout_of(learner_model).hash
