@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from dataclasses import dataclass, field
 
 import redis
 import torch
@@ -26,23 +25,17 @@ from torch import nn
 
 from conspo.keys import Keys
 from conspo.state import RunStore
+from conspo.weight_sync import PushReport, WeightPublisher, resolve_backend
+from conspo.weight_sync.layout import TensorSource
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class PushOutcome:
-    ok: bool
-    seconds: float
-    receivers: list[str] = field(default_factory=list)
-    error: str | None = None
 
 
 def parameter_list(
     model: nn.Module,
     full_state: dict[str, torch.Tensor] | None,
     dtype: torch.dtype = torch.float32,
-):
+) -> list[tuple[str, torch.Tensor]]:
     """``named_parameters`` order and names (what receivers' templates hold); tensors from the
     gathered full state under FSDP2, the live parameters otherwise; cast to ``dtype`` (the
     ``weight_sync_dtype`` every generator's template is built with) where they differ."""
@@ -98,8 +91,6 @@ class WeightPush:
         colocated: bool = False,
         join_timeout_s: float | None = None,
     ) -> None:
-        from conspo.weight_sync import WeightPublisher, resolve_backend
-
         self.store = RunStore(client, keys)
         self.device = device
         self.backend = resolve_backend(backend, device)
@@ -136,7 +127,10 @@ class WeightPush:
             self.device,
         )
 
-    def push(self, source, *, version: int, step: int, checkpoint_path: str | None) -> PushOutcome:
+    def push(
+        self, source: TensorSource, *, version: int, step: int, checkpoint_path: str | None
+    ) -> PushReport:
+        """The publisher's report of the push; never raises (a push must never be fatal)."""
         start = time.perf_counter()
         try:
             if self.nccl_possible:
@@ -147,15 +141,23 @@ class WeightPush:
             report = self.publisher.push(
                 source, version=version, step=step, checkpoint_path=checkpoint_path
             )
-            ok, receivers, error = report.ok, list(report.receivers), report.error
         except Exception as exc:  # the publisher should not raise; a push must never be fatal
             log.exception("weight push v%d raised", version)
-            ok, receivers, error = False, [], f"{type(exc).__name__}: {exc}"
+            report = PushReport(
+                ok=False,
+                version=version,
+                step=step,
+                transport="broadcast",
+                error=f"{type(exc).__name__}: {exc}",
+                seconds=time.perf_counter() - start,
+            )
         self.pushes += 1
-        if not ok:
+        if not report.ok:
             self.failures += 1
-            log.warning("weight push v%d failed (%d so far): %s", version, self.failures, error)
-        return PushOutcome(ok, time.perf_counter() - start, receivers, error)
+            log.warning(
+                "weight push v%d failed (%d so far): %s", version, self.failures, report.error
+            )
+        return report
 
     def missing_members(self, layout_hash: str) -> list[str]:
         """Live generators the last push did not reach (joined or restarted since)."""

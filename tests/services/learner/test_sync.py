@@ -48,3 +48,24 @@ def test_the_pushed_layout_matches_a_bf16_generators_template():
         assert pushed.hash == layout_of(template).hash, setting
     full = dict(learner_model.named_parameters())  # the gathered-state route (FSDP2)
     assert layout_of(parameter_list(learner_model, full)).hash == layout_of(learner_model).hash
+
+
+def test_a_push_that_raises_is_reported_not_raised(redis_client, keys):
+    """The publisher's ``PushReport`` is the one report of a push, also when the push raised."""
+    from conspo.weight_sync import PushReport
+    from services.learner.sync import WeightPush
+
+    model, _ = build_tiny_model(seed=0)
+    push = WeightPush(redis_client, keys, host="127.0.0.1", port=0, backend="gloo",
+                      timeout_s=5, member_ttl_s=5, bucket_bytes=1 << 20,
+                      device=torch.device("cpu"))  # fmt: skip
+    try:
+        report = push.push(parameter_list(model, None), version=1, step=1, checkpoint_path=None)
+        assert isinstance(report, PushReport) and report.ok and report.receivers == []
+        push.publisher.close()  # pushing through a closed publisher raises inside
+        report = push.push(parameter_list(model, None), version=2, step=2, checkpoint_path="c")
+        assert isinstance(report, PushReport) and not report.ok
+        assert (report.version, report.step) == (2, 2) and "closed" in (report.error or "")
+        assert (push.pushes, push.failures) == (2, 1)
+    finally:
+        push.close()
