@@ -8,85 +8,74 @@
   passes its own).
 - Low-level, usable inside any process (e.g. a vLLM worker extension): ``open_group``,
   ``WeightGroup.broadcast_tensors`` / ``receive_tensors`` / ``iter_receive``, ``layout_of``,
-  ``bucketize`` / ``unbucketize``, ``load_checkpoint``, and the Redis helpers of ``membership``.
+  ``bucketize`` / ``unbucketize``, ``load_checkpoint``, and the Redis helpers of ``membership``
+  (``read_sync_state``: the whole weights hash in one read).
+
+- ``Follower``: what the generator loop sees of either transport; ``CheckpointFollower``
+  follows checkpoints on disk for engines that cannot join the group (``follower``).
 
 See the module docstrings of ``layout``, ``group``, ``publisher`` and ``subscriber`` for why the
 wire format, the group lifecycle and the staging work the way they do.
+
+Names are imported on first use (PEP 562): ``membership`` needs no torch, and the api reads the
+weights hash through it without loading torch for the rest of the package.
 """
 
-from conspo.weight_sync.checkpoint import checkpoint_files, load_checkpoint
-from conspo.weight_sync.follower import CheckpointFollower, Follower
-from conspo.weight_sync.group import (
-    DEFAULT_BUCKET_BYTES,
-    BroadcastResult,
-    GroupError,
-    Header,
-    LayoutMismatchError,
-    WeightGroup,
-    WeightSyncError,
-    open_group,
-    resolve_backend,
-)
-from conspo.weight_sync.layout import (
-    BufferPool,
-    Layout,
-    TensorSpec,
-    bucketize,
-    join_buckets,
-    layout_of,
-    named_tensors_of,
-    unbucketize,
-)
-from conspo.weight_sync.membership import (
-    MemberInfo,
-    live_members,
-    read_announcement,
-    read_members,
-    report_served,
-    served_versions,
-)
-from conspo.weight_sync.publisher import PushReport, WeightPublisher
-from conspo.weight_sync.subscriber import (
-    CheckpointLoader,
-    LocalReceiver,
-    Receiver,
-    StagedWeights,
-    WeightSubscriber,
-)
+from __future__ import annotations
 
-__all__ = [
-    "DEFAULT_BUCKET_BYTES",
-    "BroadcastResult",
-    "BufferPool",
-    "CheckpointFollower",
-    "CheckpointLoader",
-    "Follower",
-    "GroupError",
-    "Header",
-    "Layout",
-    "LayoutMismatchError",
-    "LocalReceiver",
-    "MemberInfo",
-    "PushReport",
-    "Receiver",
-    "StagedWeights",
-    "TensorSpec",
-    "WeightGroup",
-    "WeightPublisher",
-    "WeightSubscriber",
-    "WeightSyncError",
-    "bucketize",
-    "checkpoint_files",
-    "join_buckets",
-    "layout_of",
-    "live_members",
-    "load_checkpoint",
-    "named_tensors_of",
-    "open_group",
-    "read_announcement",
-    "read_members",
-    "report_served",
-    "resolve_backend",
-    "served_versions",
-    "unbucketize",
-]
+import importlib
+from typing import Any
+
+#: Where each public name lives (``conspo.weight_sync.<module>``).
+_HOMES = {
+    "checkpoint_files": "checkpoint",
+    "load_checkpoint": "checkpoint",
+    "CheckpointFollower": "follower",
+    "Follower": "follower",
+    "DEFAULT_BUCKET_BYTES": "group",
+    "BroadcastResult": "group",
+    "GroupError": "group",
+    "Header": "group",
+    "LayoutMismatchError": "group",
+    "WeightGroup": "group",
+    "WeightSyncError": "group",
+    "open_group": "group",
+    "resolve_backend": "group",
+    "BufferPool": "layout",
+    "Layout": "layout",
+    "TensorSpec": "layout",
+    "bucketize": "layout",
+    "join_buckets": "layout",
+    "layout_of": "layout",
+    "named_tensors_of": "layout",
+    "unbucketize": "layout",
+    "MemberInfo": "membership",
+    "live_members": "membership",
+    "read_announcement": "membership",
+    "read_members": "membership",
+    "report_served": "membership",
+    "served_versions": "membership",
+    "SyncState": "membership",
+    "read_sync_state": "membership",
+    "PushReport": "publisher",
+    "WeightPublisher": "publisher",
+    "CheckpointLoader": "subscriber",
+    "LocalReceiver": "subscriber",
+    "Receiver": "subscriber",
+    "StagedWeights": "subscriber",
+    "WeightSubscriber": "subscriber",
+}
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{home}"), name)
+    globals()[name] = value  # once: later lookups do not come here
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -17,6 +17,9 @@ Everything lives in the run's ``keys.weights`` hash, so one HGETALL shows the wh
   a failed push the learner re-admits a member only once it has processed that announcement,
   i.e. once it is demonstrably alive and out of the failed round.
 - ``served:<instance>``: the policy version that instance serves now.
+
+This module is the only reader and writer of that hash, and it imports no torch (neither does the
+package's ``__init__``), so the api reads the hash through ``read_sync_state`` too.
 """
 
 from __future__ import annotations
@@ -25,12 +28,15 @@ import logging
 import os
 import socket
 import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import redis
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from conspo.keys import Keys
 from conspo.protocol import DecodeError, WeightAnnouncement, decode, encode
+from conspo.redis_conn import as_text
 
 logger = logging.getLogger(__name__)
 
@@ -71,19 +77,43 @@ def deregister_member(client: redis.Redis, keys: Keys, instance: str) -> None:
     client.hdel(keys.weights, MEMBER_PREFIX + instance)
 
 
+@dataclass(frozen=True)
+class SyncState:
+    """The whole ``keys.weights`` hash, parsed; malformed entries are left out (and logged)."""
+
+    announcement: WeightAnnouncement | None = None
+    members: dict[str, MemberInfo] = field(default_factory=dict)
+    served: dict[str, int] = field(default_factory=dict)
+
+
+def _parse(raw: Mapping[bytes, bytes]) -> SyncState:
+    announcement, members, served = None, {}, {}
+    for field_name, value in raw.items():
+        name = as_text(field_name)
+        if name == CURRENT_FIELD:
+            announcement = _decode_announcement(value)
+        elif name.startswith(MEMBER_PREFIX):
+            try:
+                info = MemberInfo.model_validate_json(value)
+            except (ValidationError, ValueError) as exc:
+                logger.warning("ignoring malformed weight-sync member %s: %s", name, exc)
+                continue
+            members[info.instance] = info
+        elif name.startswith(SERVED_PREFIX):
+            try:
+                served[name.removeprefix(SERVED_PREFIX)] = int(value)
+            except ValueError:
+                continue
+    return SyncState(announcement, members, served)
+
+
+def read_sync_state(client: redis.Redis, keys: Keys) -> SyncState:
+    """Announcement, members and served versions in one HGETALL (the api's status page)."""
+    return _parse(client.hgetall(keys.weights))
+
+
 def read_members(client: redis.Redis, keys: Keys) -> dict[str, MemberInfo]:
-    members = {}
-    for field_name, raw in client.hgetall(keys.weights).items():
-        name = field_name.decode() if isinstance(field_name, bytes) else str(field_name)
-        if not name.startswith(MEMBER_PREFIX):
-            continue
-        try:
-            info = MemberInfo.model_validate_json(raw)
-        except (ValidationError, ValueError) as exc:
-            logger.warning("ignoring malformed weight-sync member %s: %s", name, exc)
-            continue
-        members[info.instance] = info
-    return members
+    return read_sync_state(client, keys).members
 
 
 BEATS_MISSED = 3  # a member is gone after this many missed refreshes (plus one second of slack)
@@ -120,10 +150,7 @@ def write_announcement(client: redis.Redis, keys: Keys, announcement: WeightAnno
     pipe.execute()
 
 
-def read_announcement(client: redis.Redis, keys: Keys) -> WeightAnnouncement | None:
-    raw = client.hget(keys.weights, CURRENT_FIELD)
-    if raw is None:
-        return None
+def _decode_announcement(raw: bytes) -> WeightAnnouncement | None:
     try:
         return decode(raw, WeightAnnouncement)
     except DecodeError as exc:
@@ -131,18 +158,15 @@ def read_announcement(client: redis.Redis, keys: Keys) -> WeightAnnouncement | N
         return None
 
 
+def read_announcement(client: redis.Redis, keys: Keys) -> WeightAnnouncement | None:
+    raw = client.hget(keys.weights, CURRENT_FIELD)
+    return None if raw is None else _decode_announcement(raw)
+
+
 def report_served(client: redis.Redis, keys: Keys, instance: str, version: int) -> None:
     client.hset(keys.weights, SERVED_PREFIX + instance, str(int(version)))
 
 
 def served_versions(client: redis.Redis, keys: Keys) -> dict[str, int]:
-    """``instance -> policy version`` it serves, for the api and the learner's staleness view."""
-    out = {}
-    for field_name, raw in client.hgetall(keys.weights).items():
-        name = field_name.decode() if isinstance(field_name, bytes) else str(field_name)
-        if name.startswith(SERVED_PREFIX):
-            try:
-                out[name.removeprefix(SERVED_PREFIX)] = int(raw)
-            except ValueError:
-                continue
-    return out
+    """``instance -> policy version`` it serves, for the learner's staleness view."""
+    return read_sync_state(client, keys).served

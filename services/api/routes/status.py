@@ -18,9 +18,8 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Query
 
-from conspo.protocol import DecodeError, WeightAnnouncement, decode
-from conspo.redis_conn import as_text
 from conspo.state import WAITING_FIELD, Waiting, parse_waiting
+from conspo.weight_sync.membership import read_sync_state
 from services.api.auth import v1_router
 from services.api.context import AppContext, get_ctx
 from services.api.depths import all_depths
@@ -36,7 +35,6 @@ from services.api.schemas import (
 
 router = v1_router(tags=["status"])
 ALIVE_INTERVALS = 3
-SERVED_PREFIX = "served:"  # conspo.weight_sync.membership.SERVED_PREFIX
 
 
 def _int(value: Any) -> int | None:
@@ -47,29 +45,12 @@ def _int(value: Any) -> int | None:
 
 
 def _weights(ctx: AppContext) -> WeightsView:
-    # The weights hash is conspo.weight_sync.membership's; its readers are not used here because
-    # importing that package loads torch, which the api does not otherwise need.
-    view = WeightsView()
-    for raw_name, raw_value in ctx.client.hgetall(ctx.keys.weights).items():
-        name = as_text(raw_name)
-        if name.startswith(SERVED_PREFIX):
-            instance = name[len(SERVED_PREFIX) :]
-            number = _int(raw_value)
-            view.served[instance] = (
-                number if number is not None else redact(as_text(raw_value))[:200]
-            )
-            continue
-        number = _int(raw_value)
-        if name in ("version", "current_version") and number is not None:
-            view.current_version = number
-            continue
-        try:
-            announcement = decode(raw_value, WeightAnnouncement)
-        except DecodeError:
-            continue
-        if view.current_version is None or announcement.version > view.current_version:
-            view.current_version = announcement.version
-    return view
+    state = read_sync_state(ctx.client, ctx.keys)
+    announced = state.announcement
+    return WeightsView(
+        current_version=announced.version if announced is not None else None,
+        served=dict(state.served),
+    )
 
 
 def _services(ctx: AppContext) -> tuple[list[ServiceInstance], dict[str, ReplicaSummary]]:

@@ -7,9 +7,10 @@ import time
 
 import redis
 
-from conspo.protocol import Heartbeat, Prompt
+from conspo.protocol import Heartbeat, Prompt, WeightAnnouncement
 from conspo.queue import StreamQueue
 from conspo.state import RunStore
+from conspo.weight_sync.membership import report_served, write_announcement
 
 REDIS_PASSWORD = "hunter2-redis-password"
 
@@ -37,7 +38,11 @@ def seed_run(redis_client, keys, token: str) -> None:
     store.heartbeat(Heartbeat(service="generator", instance="gen-b", status="running", at=now - 60))
     store.heartbeat(Heartbeat(service="verifier", instance="ver-a", status="waiting", at=now))
     store.heartbeat(Heartbeat(service="learner", instance="learn-a", status="stopped", at=now))
-    redis_client.hset(keys.weights, mapping={"version": 3, "served:gen-a": 3, "served:gen-b": 2})
+    announcement = WeightAnnouncement(version=3, step=12, transport="checkpoint")
+    write_announcement(redis_client, keys, announcement)
+    report_served(redis_client, keys, "gen-a", 3)
+    report_served(redis_client, keys, "gen-b", 2)
+    redis_client.hset(keys.weights, "served:gen-c", "garbage")  # a foreign writer: left out
     prompts = StreamQueue(redis_client, keys, "prompts", Prompt)
     for i in range(3):
         prompts.publish(Prompt(prompt_id=f"p{i}", text="1+1", answer="2"), f"p{i}")
@@ -140,3 +145,13 @@ def test_waiting_says_why_the_learner_does_not_step_and_is_null_otherwise(api, r
     assert api.http.get("/v1/status").json()["waiting"] is None
     store.clear_waiting()
     assert api.http.get("/v1/status").json()["waiting"] is None
+
+
+def test_the_weights_hash_is_read_without_torch():
+    """The route reads the weights hash through ``conspo.weight_sync.membership``, which (with
+    the package's lazy ``__init__``) loads no torch: the api stays light."""
+    from conspo.testing import heavy_imports
+
+    light = "import services.api.routes.status, conspo.weight_sync.membership, conspo.weight_sync"
+    assert heavy_imports(light, ("torch",)) == []
+    assert "torch" in heavy_imports("from conspo.weight_sync import WeightPublisher", ("torch",))
