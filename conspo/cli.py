@@ -24,6 +24,10 @@ SERVICES = {
     "train": "conspo.train",
     "eval": "conspo.eval_command",
 }
+#: Engines ``conspo eval --backend NAME`` drives besides the in-process model: the generator
+#: service's. Named by string, like ``SERVICES``, and imported only when chosen: this module is
+#: the composition root, the one place in ``conspo/`` that names a service's module.
+EVAL_ENGINES = {"vllm": "services.generator.backends.vllm:VLLMBackend"}
 HELP = {
     "demo": "embedded CPU run of the bundled arithmetic task",
     "train": "the whole pipeline on this machine for your model and data",
@@ -59,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _resolve(spec: str) -> object:
+    """``module:attribute`` -> the attribute."""
+    module, _, attribute = spec.partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     for flag, env in (
@@ -70,8 +80,11 @@ def main(argv: list[str] | None = None) -> int:
         if value:
             os.environ[env] = value
     module = importlib.import_module(args.module)
+    extra = {}
+    if args.command == "eval" and args.backend in EVAL_ENGINES:
+        extra["engines"] = {args.backend: _resolve(EVAL_ENGINES[args.backend])}
     try:
-        return int(module.main(args) or 0)
+        return int(module.main(args, **extra) or 0)
     except SettingsError as exc:
         logging.basicConfig()
         print(f"conspo {args.command}: {exc}", file=sys.stderr)

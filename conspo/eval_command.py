@@ -7,10 +7,10 @@ instruction; ``--template`` / ``--system-prompt`` / ``--chat`` as given to ``con
 shows a progress bar over the prompts, prints the JSON result and writes it to ``--out``.
 
 Backends: ``hf`` samples in this process with ``ModelSampler``, exactly as the learner's periodic
-evaluation does, so the same weights and seed give the learner's numbers. ``vllm`` drives the
-generator service's engine (``services.generator.backends.vllm.VLLMBackend``, through the
-``Backend`` protocol's ``generate``): this command is a composition root like ``conspo.cli``,
-the one place in ``conspo/`` that may load a service's module, and only when asked for vLLM.
+evaluation does, so the same weights and seed give the learner's numbers. Any other backend is an
+engine of the generator service (``vllm``: ``VLLMBackend``, driven through the ``Backend``
+protocol's ``generate``), built by an ``EngineFactory`` the caller passes in: ``conspo.cli``, the
+composition root, names it (``EVAL_ENGINES``), so ``conspo/`` never imports a service.
 """
 
 from __future__ import annotations
@@ -19,11 +19,28 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+from conspo.evaluation import Sampler
 from conspo.logs import setup as setup_logging
 from conspo.settings import SettingsError
+
+
+class Engine(Sampler, Protocol):
+    """A generation engine as this command drives it (a subset of the generator's ``Backend``)."""
+
+    tokenizer: Any
+    max_model_len: int
+
+    def close(self) -> None: ...
+
+
+class EngineFactory(Protocol):
+    """Builds an engine serving the model folder ``model_path``, sampling from ``seed``."""
+
+    def __call__(self, model_path: Path, *, seed: int) -> Engine: ...
 
 
 def _model(args: argparse.Namespace) -> Path:
@@ -37,13 +54,19 @@ def _model(args: argparse.Namespace) -> Path:
     return path
 
 
-def _engine(args: argparse.Namespace, model: Path) -> tuple[Any, Any, int, Any]:
+def _engine(
+    args: argparse.Namespace, model: Path, engines: Mapping[str, EngineFactory]
+) -> tuple[Sampler, Any, int, Callable[[], None] | None]:
     """(sampler, tokenizer, context length, close)."""
-    if args.backend == "vllm":
-        from services.generator.backends.vllm import VLLMBackend
-
-        backend = VLLMBackend(model, seed=args.seed)
-        return backend, backend.tokenizer, backend.max_model_len, backend.close
+    if args.backend != "hf":
+        factory = engines.get(args.backend)
+        if factory is None:
+            raise SettingsError(
+                f"--backend {args.backend}: no engine of that name was given "
+                f"(known: hf{''.join(', ' + name for name in sorted(engines))})"
+            )
+        engine = factory(model, seed=args.seed)
+        return engine, engine.tokenizer, engine.max_model_len, engine.close
     import torch
 
     from conspo.evaluation import ModelSampler
@@ -56,7 +79,10 @@ def _engine(args: argparse.Namespace, model: Path) -> tuple[Any, Any, int, Any]:
     return ModelSampler(policy, tokenizer), tokenizer, context_length(policy, tokenizer), None
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(
+    args: argparse.Namespace, engines: Mapping[str, EngineFactory] | None = None
+) -> dict[str, Any]:
+    """Evaluate ``args.model``; ``engines`` builds any ``--backend`` other than ``hf``."""
     from tqdm import tqdm
 
     from conspo.evaluation import EVAL_CHUNK, evaluate, load_eval_set
@@ -77,7 +103,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         eval_set = load_eval_set(args.benchmark, args.n, fmt=fmt)
     except (ValueError, FileNotFoundError) as exc:
         raise SettingsError(f"--benchmark {args.benchmark}: {exc}") from None
-    sampler, tokenizer, context, close = _engine(args, model)
+    sampler, tokenizer, context, close = _engine(args, model, engines or {})
     bar = tqdm(
         total=2 * len(eval_set.prompts),
         desc=f"eval {eval_set.name}",
@@ -115,9 +141,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def main(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace, engines: Mapping[str, EngineFactory] | None = None) -> int:
     setup_logging("WARNING", service="eval")
-    result = run(args)
+    result = run(args, engines)
     text = json.dumps(result, indent=2)
     if args.out:
         out = Path(args.out)

@@ -71,3 +71,26 @@ def test_a_user_model_on_a_benchmark(user_model, shared_data):
 def test_bad_input_is_a_settings_error(argv, reason):
     with pytest.raises(SettingsError, match=reason):
         run(args(*argv))
+
+
+def test_another_backend_is_an_engine_the_caller_passes_in():
+    """``--backend vllm`` runs on the engine factory the cli names (``EVAL_ENGINES``); here the
+    generator's hf engine stands in for vLLM, and gives the in-process numbers."""
+    from conspo.cli import EVAL_ENGINES, _resolve
+    from services.generator.backends.hf import HFBackend
+    from services.generator.backends.vllm import VLLMBackend
+
+    assert _resolve(EVAL_ENGINES["vllm"]) is VLLMBackend  # resolvable without vLLM installed
+    built = []
+
+    def hf_engine(model_path, *, seed: int) -> HFBackend:
+        built.append((model_path, seed))
+        return HFBackend.from_path(model_path, device="cpu", seed_mode="batch")
+
+    argv = ("--benchmark", "arith", "--n", "12", "--k", "1", "--seed", "5")
+    with pytest.raises(SettingsError, match="--backend vllm: no engine of that name"):
+        run(args(*argv, "--backend", "vllm"))
+    via_engine = run(args(*argv, "--backend", "vllm"), engines={"vllm": hf_engine})
+    assert built == [(default_checkpoint(), 5)]
+    assert via_engine["greedy"] == run(args(*argv))["greedy"]
+    assert via_engine["backend"] == "vllm"

@@ -1,5 +1,8 @@
 """Services talk through Redis only: no module of one service imports another service (shared
-code lives in ``conspo/``). Checked on the source, every import statement, lazy ones included."""
+code lives in ``conspo/``), and ``conspo/`` imports no service at all (the dependency points one
+way). Checked on the source, every import statement, lazy ones included. ``conspo.cli`` names
+service modules by string (it is the composition root, ``SERVICES`` and ``EVAL_ENGINES``) and
+imports them only to run them."""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ import ast
 from conspo.testing import REPO_ROOT
 
 SERVICES = REPO_ROOT / "services"
+CONSPO = REPO_ROOT / "conspo"
 ROLES = sorted(p.name for p in SERVICES.iterdir() if (p / "__init__.py").is_file())
 
 
@@ -31,6 +35,16 @@ def test_no_service_imports_another_service():
                 if parts[0] == "services" and len(parts) > 1 and parts[1] != role:
                     crossings.append(f"{path.relative_to(REPO_ROOT)} imports {module}")
     assert not crossings, "\n".join(crossings)
+
+
+def test_conspo_never_imports_a_service():
+    upward = [
+        f"{path.relative_to(REPO_ROOT)} imports {module}"
+        for path in sorted(CONSPO.rglob("*.py"))
+        for module in imported_modules(path)
+        if module.split(".")[0] == "services"
+    ]
+    assert not upward, "\n".join(upward)
 
 
 def test_the_check_sees_lazy_imports(tmp_path):
