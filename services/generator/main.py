@@ -29,7 +29,7 @@ import redis
 from conspo.service import ServiceRuntime
 from conspo.serving import ServedModel, max_token_chars, publish_served_model
 from conspo.settings import GeneratorSettings, RunSettingsMismatchError, load
-from services.generator.backends import BackendDeadError, build_backend, model_path_of
+from services.generator.backends import Backend, BackendDeadError, build_backend, model_path_of
 from services.generator.loop import GeneratorLoop
 from services.generator.metrics import GeneratorMetrics
 from services.generator.weights import initial_load, start_weight_sync
@@ -53,7 +53,7 @@ def main(args: argparse.Namespace | None = None) -> int:
     return 0
 
 
-def publish_serving(runtime: ServiceRuntime, settings: GeneratorSettings, backend) -> None:
+def publish_serving(runtime: ServiceRuntime, settings: GeneratorSettings, backend: Backend) -> None:
     """What the api needs to judge a prompt's length (see ``conspo.serving``)."""
     try:
         model = ServedModel(
