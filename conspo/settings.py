@@ -517,6 +517,13 @@ class ApiSettings(CommonSettings):
 
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
+    workers: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Server processes sharing the port (about one core each); metrics of worker "
+        "i on metrics_port + i.",
+    )
     api_token: SecretStr | None = None
     auth_disabled: bool = Field(default=False, description="Only for local use.")
     max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)

@@ -26,6 +26,7 @@ is still dead-lettered downstream with its reason: the api does not tokenise lik
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -34,9 +35,11 @@ from pathlib import Path
 from typing import Any
 
 import redis
+import redis.asyncio as aioredis
 
 from conspo.keys import Keys
-from conspo.serving import ServedModel, read_served_model, read_verifiers
+from conspo.redis_conn import as_text
+from conspo.serving import ServedModel, parse_served_model, read_served_model, read_verifiers
 
 log = logging.getLogger(__name__)
 
@@ -64,17 +67,46 @@ def _tokenizer(path: str) -> Any:
 
 
 @dataclass(frozen=True)
+class Basis:
+    """The raw Redis values an ``Admission`` was computed from: the publish script compares
+    them with the current ones, so a cached admission is only ever used while it is exact."""
+
+    served_raw: bytes  # the serving key's value, b"" when absent
+    published: tuple[bytes, ...]  # the verifier names set, as stored
+
+
+@dataclass(frozen=True)
 class Admission:
     """What the api knows about the workers at the time of one request."""
 
     verifiers: frozenset[str]
     verifiers_from: str  # "verifiers" (published) or "settings"
     served: ServedModel | None
+    basis: Basis | None = None  # set by ``aread``
 
     @classmethod
     def read(cls, client: redis.Redis, keys: Keys, fallback: list[str]) -> Admission:
         published = frozenset(read_verifiers(client, keys))
         served = read_served_model(client, keys)
+        return cls._of(published, served, fallback)
+
+    @classmethod
+    async def aread(cls, client: aioredis.Redis, keys: Keys, fallback: list[str]) -> Admission:
+        """``read`` for the async request path: both reads in one round trip, with their
+        ``basis``."""
+        async with client.pipeline(transaction=False) as pipe:
+            pipe.smembers(keys.verifiers)
+            pipe.get(keys.serving)
+            names, raw = await pipe.execute()
+        served = parse_served_model(raw) if raw is not None else None
+        admission = cls._of(frozenset(as_text(n) for n in names), served, fallback)
+        basis = Basis(raw if raw is not None else b"", tuple(sorted(names)))
+        return dataclasses.replace(admission, basis=basis)
+
+    @classmethod
+    def _of(
+        cls, published: frozenset[str], served: ServedModel | None, fallback: list[str]
+    ) -> Admission:
         if published:
             return cls(published, "verifiers", served)
         return cls(frozenset(fallback), "settings", served)

@@ -93,6 +93,8 @@ def create_app(
             feeder.stop(timeout=settings.shutdown_grace_s)
             if own_client:
                 ctx.client.close()
+            if ctx.aclient is not None:
+                await ctx.aclient.aclose()
 
     app = FastAPI(
         title="conspo api",

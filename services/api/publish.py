@@ -4,6 +4,11 @@ One Lua script does it all, atomically, with or without a key. Redis runs a scri
 before any other command, so concurrent requests (on any number of api replicas) cannot
 interleave inside it:
 
+0. given the ``Basis`` of the admission the request was checked against (the served model and
+   verifier names, ``services.api.admission``), confirm they are still the current values, else
+   write nothing and answer "stale" (the route re-reads and checks again). This lets the route
+   keep its admission across requests and spend one round trip per request, not two, without
+   ever admitting against outdated values;
 1. with an Idempotency-Key: if ``keys.idempotency(key)`` exists, return its stored record;
 2. for every prompt, look its id up in ``keys.prompt_ids`` (``<item fingerprint> <entry id>``):
    an id already used for a different prompt refuses the whole request (409, nothing written);
@@ -32,25 +37,42 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+import redis
+import redis.asyncio as aioredis
+
 from conspo import counters
 from conspo.protocol import MessageTooLargeError, Prompt, encode
 from conspo.queue import XADD_ENTRY, StreamQueue
 from conspo.redis_conn import as_text
+from services.api.admission import Basis
 from services.api.errors import ApiError
 
 _PUBLISH = (
     XADD_ENTRY
     + """
 -- KEYS[1] idempotency record (unused without a key), KEYS[2] prompts stream, KEYS[3] counters,
--- KEYS[4] prompt-id registry. ARGV[1] ttl, ARGV[2] request fingerprint, ARGV[3] '1' with a key,
--- ARGV[4] prompt ids (JSON), ARGV[5] the accepted counter, then (prompt id, item fingerprint,
--- k, d) per prompt.
+-- KEYS[4] prompt-id registry, KEYS[5] served model, KEYS[6] verifier names. ARGV[1] ttl,
+-- ARGV[2] request fingerprint, ARGV[3] '1' with a key, ARGV[4] prompt ids (JSON), ARGV[5] the
+-- accepted counter, ARGV[6] '1' to check the admission basis, ARGV[7] the served model it saw,
+-- ARGV[8] n, ARGV[9 .. 8 + n] the verifier names it saw, then (prompt id, item fingerprint, k, d)
+-- per prompt.
+local n = tonumber(ARGV[8])
+if ARGV[6] == '1' then
+  local stale = (redis.call('GET', KEYS[5]) or '') ~= ARGV[7]
+    or redis.call('SCARD', KEYS[6]) ~= n
+  for i = 9, 8 + n do
+    if stale then break end
+    stale = redis.call('SISMEMBER', KEYS[6], ARGV[i]) == 0
+  end
+  if stale then return {-2} end
+end
 if ARGV[3] == '1' then
   local existing = redis.call('GET', KEYS[1])
   if existing then return {0, existing} end
 end
+local first = 9 + n
 local known = {}
-for a = 6, #ARGV, 4 do
+for a = first, #ARGV, 4 do
   local old = redis.call('HGET', KEYS[4], ARGV[a])
   if old then
     local fp, entry = string.match(old, '^(%S+) (%S+)$')
@@ -59,7 +81,7 @@ for a = 6, #ARGV, 4 do
   end
 end
 local ids, replayed, fresh = {}, {}, 0
-for a = 6, #ARGV, 4 do
+for a = first, #ARGV, 4 do
   if known[a] then
     ids[#ids + 1] = known[a]
     replayed[#replayed + 1] = ARGV[a]
@@ -84,6 +106,10 @@ def fingerprint(payload: Any) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+class StaleAdmissionError(Exception):
+    """The admission basis given to ``apublish`` is no longer current: nothing was written."""
+
+
 @dataclass(frozen=True)
 class Published:
     prompt_ids: list[str]
@@ -97,10 +123,18 @@ class Published:
 
 
 class PromptPublisher:
-    def __init__(self, queue: StreamQueue[Prompt], ttl_s: int) -> None:
+    """The publish script over the sync client (``publish``) or the async one (``apublish``, the
+    request path): the same arguments, the same reply handling, one round trip either way."""
+
+    def __init__(
+        self, queue: StreamQueue[Prompt], ttl_s: int, aclient: aioredis.Redis | None = None
+    ) -> None:
         self.queue = queue
         self.ttl_s = ttl_s
         self._script = queue.client.register_script(_PUBLISH)
+        self._aclient = aclient
+        self._ascript = aclient.register_script(_PUBLISH) if aclient is not None else None
+        self._agroup_ready = False
 
     def _encode(self, prompts: list[Prompt]) -> list[bytes]:
         try:
@@ -114,6 +148,42 @@ class PromptPublisher:
         """Enqueue ``prompts`` (``item_fps``: one fingerprint per prompt, without its id), once
         per prompt id and, with ``key``, once per Idempotency-Key (see the module docstring)."""
         self.queue.ensure_group()
+        keys, args = self._call(prompts, item_fps, key, fp)
+        return self._result(self._script(keys=keys, args=args), prompts, key, fp)
+
+    async def apublish(
+        self,
+        prompts: list[Prompt],
+        item_fps: list[str],
+        *,
+        key: str | None = None,
+        fp: str = "",
+        basis: Basis | None = None,
+    ) -> Published:
+        """``publish`` on the async client given at construction; with ``basis``, only while
+        it is current (else ``StaleAdmissionError``, nothing written)."""
+        if self._aclient is None or self._ascript is None:
+            raise RuntimeError("PromptPublisher was built without an async client")
+        if not self._agroup_ready:  # once per app, like StreamQueue.ensure_group
+            try:
+                await self._aclient.xgroup_create(
+                    self.queue.key, self.queue.group, id="0", mkstream=True
+                )
+            except redis.ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+            self._agroup_ready = True
+        keys, args = self._call(prompts, item_fps, key, fp, basis)
+        return self._result(await self._ascript(keys=keys, args=args), prompts, key, fp)
+
+    def _call(
+        self,
+        prompts: list[Prompt],
+        item_fps: list[str],
+        key: str | None,
+        fp: str,
+        basis: Basis | None = None,
+    ) -> tuple[list[str], list[str | bytes | int]]:
         payloads = self._encode(prompts)  # everything is encoded before anything is sent
         keys = self.queue.keys
         args: list[str | bytes | int] = [
@@ -122,14 +192,29 @@ class PromptPublisher:
             "1" if key is not None else "0",
             json.dumps([p.prompt_id for p in prompts]),
             counters.API_PROMPTS_ACCEPTED,
+            "0" if basis is None else "1",
+            b"" if basis is None else basis.served_raw,
+            0 if basis is None else len(basis.published),
+            *(basis.published if basis is not None else ()),
         ]
         for prompt, item_fp, data in zip(prompts, item_fps, payloads, strict=True):
             args.extend([prompt.prompt_id, item_fp, prompt.prompt_id, data])
         record_key = keys.idempotency(key) if key is not None else keys.prompt_ids
-        reply = self._script(
-            keys=[record_key, self.queue.key, keys.counters, keys.prompt_ids], args=args
-        )
+        stream = self.queue.key
+        return [
+            record_key,
+            stream,
+            keys.counters,
+            keys.prompt_ids,
+            keys.serving,
+            keys.verifiers,
+        ], args
+
+    @staticmethod
+    def _result(reply: list, prompts: list[Prompt], key: str | None, fp: str) -> Published:
         status = int(reply[0])
+        if status == -2:
+            raise StaleAdmissionError()
         if status == -1:
             taken, entry = (as_text(x) for x in reply[1:3])
             index = next(i for i, p in enumerate(prompts) if p.prompt_id == taken)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import pickle
 
 import msgpack
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -19,6 +21,7 @@ from conspo.protocol import (
     Label,
     LabeledGroup,
     MessageTooLargeError,
+    PackedArray,
     Prompt,
     Rendezvous,
     RolloutGroup,
@@ -106,6 +109,51 @@ def test_logprobs_survive_as_float32() -> None:
     c = Completion(token_ids=[1, 2], logprobs=[-1e-9, -12345.678], text="", finish_reason="stop")
     back = decode(encode(make_group(1, 1).model_copy(update={"completions": [c]})), RolloutGroup)
     assert back.completions[0].logprobs == pytest.approx([-1e-9, -12345.678], rel=1e-6)
+
+
+def test_decoded_arrays_are_views_of_the_entry_and_encode_back_to_it() -> None:
+    """What makes the queue cheap: decoding builds no Python number per token, and a stage
+    that forwards the group (the verifier) sends the very bytes it received."""
+    data = encode(make_group(8, 512))
+    back = decode(data, RolloutGroup)
+    ids = back.completions[0].token_ids
+    assert isinstance(ids, PackedArray) and ids.array.dtype == np.dtype("<i4")
+    assert isinstance(ids.array.base, bytes)  # a view, not a copy
+    assert not ids.array.flags.writeable  # frozen models stay frozen
+    assert encode(back) == data
+
+
+def test_packed_array_reads_like_the_list_it_replaces() -> None:
+    c = Completion(token_ids=[5, 6, 7], logprobs=[-0.5, -0.25, 0.0], text="", finish_reason="stop")
+    ids = decode(encode(make_group(1, 1).model_copy(update={"completions": [c]})), RolloutGroup)
+    ids = ids.completions[0].token_ids
+    for value in (c.token_ids, ids):
+        assert len(value) == 3 and value[0] == 5 and value[-1] == 7 and value[1:] == [6, 7]
+        assert type(value[0]) is int and all(type(x) is int for x in value)
+        assert value == [5, 6, 7] and value == (5, 6, 7) and value != [5, 6]
+        assert list(value) == [5, 6, 7] and tuple(value) == (5, 6, 7)
+        assert np.asarray(value).tolist() == [5, 6, 7]
+        assert pickle.loads(pickle.dumps(value)) == value
+    assert c.token_ids == ids  # int64 (from a list) equals int32 (from the wire)
+    assert type(c.logprobs[1]) is float and c.logprobs == [-0.5, -0.25, 0.0]
+    with pytest.raises(IndexError):
+        ids[3]
+    with pytest.raises(TypeError):
+        hash(ids)
+
+
+def test_lists_keep_their_precision_until_encoded() -> None:
+    c = Completion(token_ids=[1], logprobs=[-0.1], text="", finish_reason="stop")
+    assert c.logprobs == [-0.1]  # float64 in memory, as the list was
+    back = decode(encode(make_group(1, 1).model_copy(update={"completions": [c]})), RolloutGroup)
+    assert back.completions[0].logprobs == [float(np.float32(-0.1))]
+
+
+def test_negative_packed_token_id_is_a_decode_error() -> None:
+    payload = msgpack.unpackb(encode(make_group(1, 4)), raw=False)
+    payload["d"]["completions"][0]["token_ids"] = np.array([1, -2, 3, 4], "<i4").tobytes()
+    with pytest.raises(DecodeError, match="must lie in"):
+        decode(msgpack.packb(payload, use_bin_type=True), RolloutGroup)
 
 
 def test_truncated_entry_raises_decode_error() -> None:

@@ -1,5 +1,12 @@
 """POST /v1/prompts: validate, refuse what can only fail later (``services.api.admission``),
-convert to ``conspo.protocol.Prompt``, publish (once per key, once per prompt id)."""
+convert to ``conspo.protocol.Prompt``, publish (once per key, once per prompt id).
+
+The route is ``async`` on the app's async Redis client, holding no thread, so the event loop
+keeps many requests waiting on Redis at once instead of queueing them for FastAPI's thread pool;
+and it costs one round trip, the publish script: the admission (what the workers serve) is kept
+between requests and the script confirms it is still current (``services.api.publish``), so it
+is re-read only when a worker changed it (issue 18). The CPU work in between (validation,
+fingerprints, msgpack) is short and bounded by ``max_prompts_per_request``."""
 
 from __future__ import annotations
 
@@ -9,11 +16,11 @@ from fastapi import Depends, Header, Response
 from pydantic import ValidationError
 
 from conspo.protocol import Prompt, new_id
-from services.api.admission import Admission
+from services.api.admission import Admission, Refusal
 from services.api.auth import v1_router
 from services.api.context import AppContext, get_ctx
 from services.api.errors import ApiError, error_responses, validation_details
-from services.api.publish import fingerprint
+from services.api.publish import StaleAdmissionError, fingerprint
 from services.api.schemas import (
     PromptBatch,
     PromptIn,
@@ -23,6 +30,7 @@ from services.api.schemas import (
 )
 
 router = v1_router(tags=["prompts"])
+_STALE_RETRIES = 3  # publishes against a re-read admission before giving up on the basis check
 
 IdempotencyKey = Annotated[
     str | None,
@@ -68,7 +76,7 @@ def to_prompt(item: PromptIn) -> Prompt:
         },
     },
 )
-def submit_prompts(
+async def submit_prompts(
     body: PromptSubmission,
     response: Response,
     ctx: Annotated[AppContext, Depends(get_ctx)],
@@ -94,7 +102,7 @@ def submit_prompts(
                     [{"loc": ["body", "prompts", str(i), "prompt_id"], "msg": "duplicate"}],
                 )
             seen.add(item.prompt_id)
-    admit(ctx, items)
+    admission = await admit(ctx, items)
     try:
         prompts = [to_prompt(item) for item in items]
     except ValidationError as exc:
@@ -102,11 +110,17 @@ def submit_prompts(
             422, "validation_error", "invalid prompt", validation_details(exc.errors())
         ) from None
     fps = [fingerprint(item.model_dump(mode="json", exclude={"prompt_id"})) for item in items]
-    if idempotency_key is None:
-        result = ctx.publisher.publish(prompts, fps)
-    else:
-        fp = fingerprint([item.model_dump(mode="json") for item in items])
-        result = ctx.publisher.publish(prompts, fps, key=idempotency_key, fp=fp)
+    fp = "" if idempotency_key is None else fingerprint([i.model_dump(mode="json") for i in items])
+    for _ in range(_STALE_RETRIES):
+        try:
+            result = await ctx.publisher.apublish(
+                prompts, fps, key=idempotency_key, fp=fp, basis=admission.basis
+            )
+            break
+        except StaleAdmissionError:  # a worker published since: check against what it says
+            admission = await admit(ctx, items, fresh=True)
+    else:  # still changing under us: checked against a read just now, publish unconditionally
+        result = await ctx.publisher.apublish(prompts, fps, key=idempotency_key, fp=fp)
     if result.replayed:
         response.headers["Idempotent-Replayed"] = "true"
     elif result.enqueued:
@@ -119,20 +133,43 @@ def submit_prompts(
     )
 
 
-def admit(ctx: AppContext, items: list[PromptIn]) -> None:
-    """422 with the first refused prompt's reason (``services.api.admission``)."""
-    admission = Admission.read(ctx.client, ctx.keys, ctx.settings.verifiers)
+async def admit(ctx: AppContext, items: list[PromptIn], *, fresh: bool = False) -> Admission:
+    """422 with the first refused prompt's reason (``services.api.admission``); returns the
+    admission the items passed. The app keeps the last one it read (``ctx.admission``): the
+    publish script confirms its basis is current, and a refusal is only given after a fresh
+    read agrees, so keeping it never changes an answer."""
+    admission = None if fresh else ctx.admission
+    if admission is None:
+        admission = await _read_admission(ctx)
+        fresh = True
+    refusal = _first_refusal(admission, items)
+    if refusal is not None and not fresh:
+        admission = await _read_admission(ctx)
+        refusal = _first_refusal(admission, items)
+    if refusal is not None:
+        i, r = refusal
+        where = f"prompt {i}: " if len(items) > 1 else ""
+        raise ApiError(
+            422,
+            r.code,
+            where + r.message,
+            [{"loc": ["body", "prompts", str(i), r.field], "msg": r.message, "type": r.code}],
+        )
+    return admission
+
+
+async def _read_admission(ctx: AppContext) -> Admission:
+    assert ctx.aclient is not None  # AppContext always builds one
+    ctx.admission = await Admission.aread(ctx.aclient, ctx.keys, ctx.settings.verifiers)
+    return ctx.admission
+
+
+def _first_refusal(admission: Admission, items: list[PromptIn]) -> tuple[int, Refusal] | None:
     for i, item in enumerate(items):
         contents = [m.content for m in item.messages] if item.messages is not None else None
         refusal = admission.check_prompt(
             item.text, contents, answer_text(item.answer)
         ) or admission.check_verifier(item.verifier)
         if refusal is not None:
-            where = f"prompt {i}: " if len(items) > 1 else ""
-            raise ApiError(
-                422,
-                refusal.code,
-                where + refusal.message,
-                [{"loc": ["body", "prompts", str(i), refusal.field], "msg": refusal.message,
-                  "type": refusal.code}],
-            )  # fmt: skip
+            return i, refusal
+    return None

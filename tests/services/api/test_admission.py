@@ -170,3 +170,27 @@ def test_datasets_are_refused_for_a_verifier_nobody_offers_and_rows_too_long(
     assert (info["rows"], info["rejected_count"]) == (1, 1)
     assert info["rejected"][0]["line"] == 2
     assert info["rejected"][0]["reason"].startswith("the prompt has at least 100 tokens")
+
+
+def test_the_kept_admission_is_used_only_while_current(api, error_of, redis_client, keys):
+    """One round trip per request (the publish script) while nothing changes; a worker that
+    publishes new names is heeded at once, as if every request had read them."""
+    ok = {"text": "1+1", "answer": "2", "verifier": "math"}
+    assert api.http.post("/v1/prompts", json=ok).status_code == 202  # reads the admission
+
+    def calls(command: str) -> int:
+        return int(redis_client.info("commandstats").get(f"cmdstat_{command}", {}).get("calls", 0))
+
+    before = {c: calls(c) for c in ("smembers", "evalsha")}  # the feeder polls with GETs
+    for i in range(5):
+        body = {**ok, "text": f"{i}+1"}
+        assert api.http.post("/v1/prompts", json=body).status_code == 202
+    assert calls("smembers") == before["smembers"]  # the admission read pipelines SMEMBERS
+    assert calls("evalsha") == before["evalsha"] + 5
+
+    publish_verifiers(redis_client, keys, ["arith"])  # "math" is no longer offered
+    length = redis_client.xlen(keys.prompts)
+    error_of(api.http.post("/v1/prompts", json=ok), 422, "unknown_verifier")
+    assert redis_client.xlen(keys.prompts) == length
+    publish_verifiers(redis_client, keys, ["math"])  # and offered again: no stale refusal
+    assert api.http.post("/v1/prompts", json={**ok, "text": "9+9"}).status_code == 202

@@ -80,3 +80,53 @@ def test_conspo_api_without_a_token_exits_2_with_the_reason(redis_url):
     )
     assert proc.returncode == 2
     assert "CONSPO_API_TOKEN" in proc.stderr
+
+
+def test_conspo_api_workers_share_the_port_and_stop_together(
+    redis_url, redis_client, keys, token, tmp_path
+):
+    """``CONSPO_WORKERS=2``: two serving processes behind one port, each a heartbeating api;
+    SIGTERM stops both cleanly, and a SIGKILLed supervisor takes its workers with it."""
+    port = free_port()
+    log = tmp_path / "api.log"
+    env = {
+        "CONSPO_REDIS_URL": redis_url,
+        "CONSPO_RUN": keys.run,
+        "CONSPO_API_TOKEN": token,
+        "CONSPO_PORT": str(port),
+        "CONSPO_HEARTBEAT_S": "0.2",
+        "CONSPO_WORKERS": "2",
+    }
+    url = f"http://127.0.0.1:{port}"
+    store = RunStore(redis_client, keys)
+
+    def running() -> set[int]:
+        return {b.pid for b in store.heartbeats() if b.service == "api" and b.status == "running"}
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        proc = spawn(["-m", "conspo.cli", "api"], env=env, log=log)
+        try:
+            assert wait_for(lambda: len(running()) >= 2, timeout=90), log.read_text()
+            for i in range(20):
+                response = httpx.post(
+                    f"{url}/v1/prompts",
+                    json={"text": f"{i}+1", "answer": str(i + 1)},
+                    headers={"Authorization": f"Bearer {token}"},
+                )
+                assert response.status_code == 202
+            pids = running()
+            proc.send_signal(sig)
+            code = proc.wait(timeout=30)
+            assert code == (0 if sig == signal.SIGTERM else -signal.SIGKILL), log.read_text()
+
+            def gone(pids: set[int] = pids) -> bool:
+                return not any(os.path.exists(f"/proc/{pid}") for pid in pids)
+
+            assert wait_for(gone, timeout=30), "a worker outlived its supervisor"
+            assert not _healthy(url)  # nobody holds the port
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        redis_client.delete(keys.heartbeats)
+    assert redis_client.xlen(keys.prompts) == 40
