@@ -52,7 +52,7 @@ def make_step(name: str, lp, mask, rewards, group_ids, old) -> Callable[[], None
     """One loss + backward of objective ``name`` on the shared batch."""
     obj = get_objective(name)
     kwargs = {"old_logprobs": old} if obj.needs_old_logprobs else {}
-    if name == "conspo":
+    if obj.margin_schedule is not None:  # its spec says it takes the curriculum margin
         kwargs["margin"] = 0.01
 
     def step() -> None:

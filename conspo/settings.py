@@ -415,7 +415,12 @@ class LearnerSettings(CommonSettings, RunSettings):
     tau: float = Field(default=10.0, gt=0)
     margin: float = Field(default=0.01, ge=0, description="Target curriculum margin M.")
     margin_warmup: float = Field(default=0.3, ge=0, le=1, description="alpha of the ramp.")
-    kl_beta: float = Field(default=0.0, ge=0)
+    kl_beta: float = Field(
+        default=0.0,
+        ge=0,
+        description="Coefficient of a KL to the frozen reference model (ref_model_path); the "
+        "behaviour-KL constraint of ConSPO/DisCO is objective_params.kl_constraint_beta.",
+    )
     skip_uninformative: bool = True
     token_budget: int = Field(default=16_384, ge=1, description="Tokens per micro-batch.")
     lr: float = Field(default=1e-6, gt=0)
@@ -509,6 +514,18 @@ class LearnerSettings(CommonSettings, RunSettings):
                 f"push_every={self.push_every} exceeds max_staleness + 1 = "
                 f"{self.max_staleness + 1}: every group would arrive too stale to train on"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _objective_params_exist(self) -> LearnerSettings:
+        # Checked at load, not when the step is built after the model: a misspelt or renamed
+        # hyper-parameter (ConSPO's old ``kl_beta``) fails in a second, naming the valid ones.
+        from conspo.objectives import get_objective
+
+        try:
+            get_objective(self.objective).with_options(**self.objective_params)
+        except TypeError as exc:
+            raise ValueError(f"objective_params: {exc}") from None
         return self
 
 

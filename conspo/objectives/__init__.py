@@ -4,7 +4,8 @@ Every objective takes ``(token_logprobs [B,T], mask [B,T], rewards [B], group_id
 keyword hyper-parameters and returns ``(scalar loss, diagnostics)``; diagnostics are detached
 floats / 0-dim tensors, including ``denominator`` (what the mean divides by) so the learner can
 micro-batch by whole groups with ``reduce="sum"``. See ``docs`` of each module for the paper
-defaults chosen and ``registry`` for the name -> objective table.
+defaults chosen, ``spec`` for what each declares it needs from the learner, and ``registry`` for
+the name -> objective table.
 """
 
 from conspo.objectives.ablations import conspo_linear, conspo_nomargin, conspo_ratio
@@ -41,6 +42,7 @@ from conspo.objectives.registry import (
 )
 from conspo.objectives.sapo import sapo
 from conspo.objectives.sequence import gmpo, gspo
+from conspo.objectives.spec import ObjectiveSpec
 
 __all__ = [
     "DEFAULT_MARGIN",
@@ -50,6 +52,7 @@ __all__ = [
     "OBJECTIVES",
     "POSITIVE_THRESHOLD",
     "Objective",
+    "ObjectiveSpec",
     "UnknownObjectiveError",
     "cispo",
     "conspo_coefficients",

@@ -29,6 +29,8 @@ own scores.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import Tensor
 
@@ -48,16 +50,27 @@ from conspo.objectives.common import (
     token_counts,
 )
 from conspo.objectives.conspo import (
+    CONSPO,
     CONSPO_REDUCES,
-    DEFAULT_KL_BETA,
-    DEFAULT_KL_DELTA,
+    DEFAULT_KL_CONSTRAINT_BETA,
+    DEFAULT_KL_CONSTRAINT_DELTA,
     DEFAULT_TAU,
     conspo_loss,
     group_denominator,
     infonce_total,
 )
+from conspo.objectives.spec import ObjectiveSpec
 
-__all__ = ["DEFAULT_RATIO_EPS", "conspo_linear", "conspo_nomargin", "conspo_ratio"]
+__all__ = [
+    "CONSPO_FIXEDMARGIN",
+    "CONSPO_LINEAR",
+    "CONSPO_NOMARGIN",
+    "CONSPO_RATIO",
+    "DEFAULT_RATIO_EPS",
+    "conspo_linear",
+    "conspo_nomargin",
+    "conspo_ratio",
+]
 
 #: GRPO's clip range, the one whose scores the note's Proposition 1 writes down.
 DEFAULT_RATIO_EPS: float = 0.2
@@ -89,6 +102,12 @@ def conspo_linear(
     diag["margin"] = float(margin)
     diag["denominator"] = denominator
     return reduce_total(total, denominator, reduce), detach_all(diag)
+
+
+#: Log-likelihood scores and no KL option: no behaviour log-probs, no temperature.
+CONSPO_LINEAR = ObjectiveSpec(
+    conspo_linear, denominator="valid_groups", behaviour_logprobs=False, margin_schedule="cosine"
+)
 
 
 def conspo_ratio(
@@ -133,6 +152,16 @@ def conspo_ratio(
     return reduce_total(total, denominator, reduce), detach_all(diag)
 
 
+#: Ratio scores are relative to the behaviour policy: its log-probs are always needed.
+CONSPO_RATIO = ObjectiveSpec(
+    conspo_ratio,
+    denominator="valid_groups",
+    behaviour_logprobs=True,
+    temperature="tau",
+    margin_schedule="cosine",
+)
+
+
 def conspo_nomargin(
     token_logprobs: Tensor,
     mask: Tensor,
@@ -143,8 +172,8 @@ def conspo_nomargin(
     reduce: str = "mean",
     old_logprobs: Tensor | None = None,
     kl_constraint: bool = False,
-    kl_delta: float = DEFAULT_KL_DELTA,
-    kl_beta: float = DEFAULT_KL_BETA,
+    kl_constraint_delta: float = DEFAULT_KL_CONSTRAINT_DELTA,
+    kl_constraint_beta: float = DEFAULT_KL_CONSTRAINT_BETA,
 ) -> tuple[Tensor, dict[str, Tensor | float]]:
     """``conspo_loss`` with the margin fixed at 0 (it takes no margin argument)."""
     return conspo_loss(
@@ -157,6 +186,12 @@ def conspo_nomargin(
         reduce=reduce,
         old_logprobs=old_logprobs,
         kl_constraint=kl_constraint,
-        kl_delta=kl_delta,
-        kl_beta=kl_beta,
+        kl_constraint_delta=kl_constraint_delta,
+        kl_constraint_beta=kl_constraint_beta,
     )
+
+
+#: ConSPO's needs, without a margin.
+CONSPO_NOMARGIN = replace(CONSPO, fn=conspo_nomargin, margin_schedule=None)
+#: ``conspo_loss`` itself, its margin applied from the first step.
+CONSPO_FIXEDMARGIN = replace(CONSPO, margin_schedule="constant")

@@ -32,8 +32,9 @@ from conspo.objectives.common import (
     reduce_total,
 )
 from conspo.objectives.grpo import add_kl, prepare
+from conspo.objectives.spec import ObjectiveSpec
 
-__all__ = ["cispo"]
+__all__ = ["CISPO", "cispo"]
 
 
 def cispo(
@@ -68,3 +69,7 @@ def cispo(
     diag["denominator"] = denominator
     total = masked_values(per_token, m).sum()
     return reduce_total(total, denominator, reduce), detach_all(diag)
+
+
+#: Token ratios to the behaviour policy, token-level mean; its own KL to the reference model.
+CISPO = ObjectiveSpec(cispo, denominator="tokens", reference_kl="beta")

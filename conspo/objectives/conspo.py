@@ -49,11 +49,13 @@ from conspo.objectives.common import (
     segment_logsumexp,
     sequence_scores,
 )
+from conspo.objectives.spec import ObjectiveSpec
 
 __all__ = [
+    "CONSPO",
     "CONSPO_REDUCES",
-    "DEFAULT_KL_BETA",
-    "DEFAULT_KL_DELTA",
+    "DEFAULT_KL_CONSTRAINT_BETA",
+    "DEFAULT_KL_CONSTRAINT_DELTA",
     "DEFAULT_MARGIN",
     "DEFAULT_MARGIN_WARMUP_RATIO",
     "DEFAULT_TAU",
@@ -70,8 +72,8 @@ DEFAULT_TAU: float = 10.0
 DEFAULT_MARGIN: float = 0.01
 DEFAULT_MARGIN_WARMUP_RATIO: float = 0.3
 #: DisCO's squared-hinge KL constraint (arXiv 2505.12366), off by default for ConSPO.
-DEFAULT_KL_DELTA: float = 1e-4
-DEFAULT_KL_BETA: float = 1e3
+DEFAULT_KL_CONSTRAINT_DELTA: float = 1e-4
+DEFAULT_KL_CONSTRAINT_BETA: float = 1e3
 
 CONSPO_REDUCES = ("mean", "sum", "all_groups")
 
@@ -120,8 +122,8 @@ def conspo_loss(
     reduce: str = "mean",
     old_logprobs: Tensor | None = None,
     kl_constraint: bool = False,
-    kl_delta: float = DEFAULT_KL_DELTA,
-    kl_beta: float = DEFAULT_KL_BETA,
+    kl_constraint_delta: float = DEFAULT_KL_CONSTRAINT_DELTA,
+    kl_constraint_beta: float = DEFAULT_KL_CONSTRAINT_BETA,
 ) -> tuple[Tensor, dict[str, Tensor | float]]:
     """ConSPO loss: minus the mean over valid groups of the note's per-group objective J(q).
 
@@ -134,7 +136,9 @@ def conspo_loss(
         margin: margin m_t subtracted from positives (see :func:`margin_schedule`).
         reduce: ``"mean"`` | ``"all_groups"`` | ``"sum"`` (see module doc).
         old_logprobs: behaviour-policy token log-probs, needed with ``kl_constraint``.
-        kl_constraint: add DisCO's ``kl_beta * max(KL_g - kl_delta, 0)^2`` per valid group.
+        kl_constraint: add DisCO's ``kl_constraint_beta * max(KL_g - kl_constraint_delta,
+            0)^2`` per valid group (a trust region to the behaviour policy; the learner's
+            ``kl_beta`` setting is another term, a KL to the reference model).
 
     Returns ``(loss, diagnostics)``. With no valid group the loss is a zero still connected to
     ``token_logprobs`` (backward gives zero gradients).
@@ -152,7 +156,9 @@ def conspo_loss(
             raise ValueError("kl_constraint=True needs old_logprobs")
         lp = masked_values(token_logprobs, m)
         old = masked_values(old_logprobs.detach(), m)
-        penalty, _ = disco_kl_penalty(lp, old, m, groups, delta=kl_delta, beta=kl_beta)
+        penalty, _ = disco_kl_penalty(
+            lp, old, m, groups, delta=kl_constraint_delta, beta=kl_constraint_beta
+        )
         total = total + torch.where(stats.valid, penalty, 0.0).sum()
         diag["kl"] = masked_mean_all(old - lp, m)
         diag["kl_penalty"] = torch.where(stats.valid, penalty, 0.0).sum() / denominator
@@ -161,6 +167,16 @@ def conspo_loss(
     diag["margin"] = float(margin)
     diag["denominator"] = denominator
     return loss, detach_all(diag)
+
+
+#: Scores are log-likelihoods (no ratio): behaviour log-probs only for the KL constraint.
+CONSPO = ObjectiveSpec(
+    conspo_loss,
+    denominator="valid_groups",
+    behaviour_logprobs="kl_constraint",
+    temperature="tau",
+    margin_schedule="cosine",
+)
 
 
 def infonce_total(

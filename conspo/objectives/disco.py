@@ -8,7 +8,9 @@ Optimization", arXiv 2505.12366. Per valid group, with length-normalised log-lik
 
 computed as ``tau * (logsumexp_N(s/tau) - log N-)`` (max-shifted segment log-sum-exp). The
 trust region is DisCO's squared hinge ``beta * max(KL - delta, 0)^2`` on
-``KL(pi_old || pi)`` with ``delta = 1e-4``, ``beta = 1e3``; see
+``KL(pi_old || pi)`` with ``delta = 1e-4``, ``beta = 1e3`` (hyper-parameters
+``kl_constraint_delta`` and ``kl_constraint_beta``: the learner's ``kl_beta`` setting is a KL
+to the reference model, another term); see
 :func:`conspo.objectives.common.disco_kl_penalty` for why it is applied per group here. Without
 ``old_logprobs`` the behaviour policy is taken to be the current one (KL 0, no penalty).
 
@@ -37,9 +39,14 @@ from conspo.objectives.common import (
     segment_sum,
     sequence_scores,
 )
-from conspo.objectives.conspo import CONSPO_REDUCES, DEFAULT_KL_BETA, DEFAULT_KL_DELTA
+from conspo.objectives.conspo import (
+    CONSPO_REDUCES,
+    DEFAULT_KL_CONSTRAINT_BETA,
+    DEFAULT_KL_CONSTRAINT_DELTA,
+)
+from conspo.objectives.spec import ObjectiveSpec
 
-__all__ = ["disco"]
+__all__ = ["DISCO", "disco"]
 
 
 def disco(
@@ -50,8 +57,8 @@ def disco(
     *,
     old_logprobs: Tensor | None = None,
     tau: float = 10.0,
-    kl_delta: float = DEFAULT_KL_DELTA,
-    kl_beta: float = DEFAULT_KL_BETA,
+    kl_constraint_delta: float = DEFAULT_KL_CONSTRAINT_DELTA,
+    kl_constraint_beta: float = DEFAULT_KL_CONSTRAINT_BETA,
     reduce: str = "all_groups",
 ) -> tuple[Tensor, dict[str, Tensor | float]]:
     """DisCO-logL loss: minus the aggregated per-group objective plus the KL hinge."""
@@ -78,12 +85,20 @@ def disco(
     n_all = torch.tensor(float(groups.count), dtype=dtype, device=scores.device)
     denominator = (n_all if reduce == "all_groups" else n_valid).clamp(min=1)
     diag: dict[str, Tensor | float] = dict(group_diagnostics(scores, stats, groups))
-    if old_logprobs is not None and kl_beta != 0.0:
+    if old_logprobs is not None and kl_constraint_beta != 0.0:
         old = masked_values(old_logprobs.detach(), m)
-        penalty, _ = disco_kl_penalty(lp, old, m, groups, delta=kl_delta, beta=kl_beta)
+        penalty, _ = disco_kl_penalty(
+            lp, old, m, groups, delta=kl_constraint_delta, beta=kl_constraint_beta
+        )
         penalty = torch.where(stats.valid, penalty, zero).sum()
         total = total + penalty
         diag["kl"] = masked_mean_all(old - lp, m)
         diag["kl_penalty"] = penalty / denominator
     diag["denominator"] = denominator
     return reduce_total(total, denominator, reduce), detach_all(diag)
+
+
+#: The KL hinge is to the behaviour policy: its log-probs are needed while the hinge is on.
+DISCO = ObjectiveSpec(
+    disco, denominator="valid_groups", behaviour_logprobs="kl_constraint_beta", temperature="tau"
+)

@@ -41,8 +41,12 @@ from conspo.objectives.common import (
     sequence_scores,
     token_counts,
 )
+from conspo.objectives.spec import ObjectiveSpec
 
 __all__ = [
+    "DAPO",
+    "DR_GRPO",
+    "GRPO",
     "dapo",
     "dapo_dynamic_sampling_mask",
     "dapo_overlong_penalty",
@@ -145,6 +149,10 @@ def grpo(
     return reduce_total(per_seq.sum(), denominator, reduce), detach_all(diag)
 
 
+#: Token ratios to the behaviour policy; its own ``beta * k3`` KL to the reference model.
+GRPO = ObjectiveSpec(grpo, denominator="sequences", reference_kl="beta")
+
+
 def dr_grpo(
     token_logprobs: Tensor,
     mask: Tensor,
@@ -177,6 +185,12 @@ def dr_grpo(
     diag["denominator"] = denominator
     diag["length_constant"] = length
     return reduce_total(total, denominator, reduce), detach_all(diag)
+
+
+#: As GRPO; the length constant is the generation budget, the same in every micro-batch.
+DR_GRPO = ObjectiveSpec(
+    dr_grpo, denominator="sequences", reference_kl="beta", generation_budget="max_len"
+)
 
 
 def dapo_overlong_penalty(lengths: Tensor, max_len: int, overlong_buffer: int) -> Tensor:
@@ -243,3 +257,7 @@ def dapo(
     denominator = _denominator(m.sum(), lp)
     diag["denominator"] = denominator
     return reduce_total(total, denominator, reduce), detach_all(diag)
+
+
+#: Token-level mean over the batch.
+DAPO = ObjectiveSpec(dapo, denominator="tokens", reference_kl="beta")

@@ -29,8 +29,9 @@ from conspo.objectives.common import (
     token_counts,
 )
 from conspo.objectives.grpo import add_kl, prepare
+from conspo.objectives.spec import ObjectiveSpec
 
-__all__ = ["sapo"]
+__all__ = ["SAPO", "sapo"]
 
 
 def sapo(
@@ -72,3 +73,7 @@ def sapo(
     denominator = torch.tensor(float(max(lp.shape[0], 1)), dtype=lp.dtype, device=lp.device)
     diag["denominator"] = denominator
     return reduce_total(per_seq.sum(), denominator, reduce), detach_all(diag)
+
+
+#: Soft-gated token ratios to the behaviour policy; its own KL to the reference model.
+SAPO = ObjectiveSpec(sapo, denominator="sequences", reference_kl="beta")

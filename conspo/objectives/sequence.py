@@ -31,8 +31,9 @@ from conspo.objectives.common import (
     token_counts,
 )
 from conspo.objectives.grpo import prepare
+from conspo.objectives.spec import ObjectiveSpec
 
-__all__ = ["gmpo", "gspo"]
+__all__ = ["GMPO", "GSPO", "gmpo", "gspo"]
 
 
 def _seq_kl(lp: Tensor, ref_logprobs: Tensor | None, m: Tensor, beta: float, diag: dict) -> Tensor:
@@ -83,6 +84,10 @@ def gspo(
     return reduce_total(per_seq.sum(), denominator, reduce), detach_all(diag)
 
 
+#: Sequence-level ratios to the behaviour policy; its own KL to the reference model.
+GSPO = ObjectiveSpec(gspo, denominator="sequences", reference_kl="beta")
+
+
 def gmpo(
     token_logprobs: Tensor,
     mask: Tensor,
@@ -124,3 +129,6 @@ def gmpo(
     denominator = torch.tensor(float(max(lp.shape[0], 1)), dtype=lp.dtype, device=lp.device)
     diag["denominator"] = denominator
     return reduce_total(per_seq.sum(), denominator, reduce), detach_all(diag)
+
+
+GMPO = ObjectiveSpec(gmpo, denominator="sequences", reference_kl="beta")

@@ -65,7 +65,7 @@ from services.learner.distributed import (
     shard_model,
 )
 from services.learner.metrics import Metrics, step_record
-from services.learner.step import StepStats, TrainConfig, Trainer
+from services.learner.step import ObjectivePlan, StepStats, TrainConfig, Trainer
 from services.learner.sync import WeightPush, parameter_list
 from services.learner.tracking import build_trackers
 from services.learner.waiting import WaitStats
@@ -97,17 +97,6 @@ def _enable_activation_checkpointing(model: torch.nn.Module) -> None:
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.config.use_cache = False
-
-
-def needs_reference(config: TrainConfig) -> bool:
-    from conspo.objectives import get_objective
-
-    base = get_objective(config.objective)
-    params = dict(config.objective_params)
-    if "beta" in base.defaults:
-        params.setdefault("beta", config.kl_beta)
-        return base.with_options(**params).needs_ref_logprobs
-    return config.kl_beta > 0 or base.with_options(**params).needs_ref_logprobs
 
 
 class Learner:
@@ -199,7 +188,7 @@ class Learner:
                     state.update(load_file(f))
             load_full_model_state(self.model, state, ctx)
         ref = None
-        if needs_reference(self.config):
+        if ObjectivePlan.of(self.config).needs_reference:
             ref_path = Path(s.ref_model_path) if s.ref_model_path else base
             ref, _ = load_policy(ref_path, ctx.device, torch.float32)
             ref.requires_grad_(False)

@@ -9,10 +9,14 @@ gradient while only one micro-batch's activations are alive. Under FSDP2 each ra
 groups, the denominators are global (every rank sees every group's layout), and the loss is
 scaled by the world size because FSDP2 averages gradients.
 
-KL to a frozen reference (``kl_beta > 0`` or an objective ``beta``): objectives with their own
-``beta`` (GRPO family) receive ``ref_logprobs`` and ``kl_beta`` as ``beta``; for ConSPO and
-DisCO the learner adds ``kl_beta * mean_sequences(mean_tokens(k3))``, which is additive over
-micro-batches in the same way (divided by the full batch's number of sequences).
+What the objective needs is its ``ObjectiveSpec``'s to say (``conspo.objectives.spec``), and
+``ObjectivePlan`` reads it once: which hyper-parameters the settings fill (``tau``, the
+reference-KL coefficient, Dr.GRPO's generation budget), whether behaviour log-probs go in, and
+who applies the KL to the frozen reference (``kl_beta > 0``): objectives with their own
+(``reference_kl``, the GRPO family's ``beta``) receive ``ref_logprobs`` and ``kl_beta``; for the
+others (ConSPO, DisCO) the learner adds ``kl_beta * mean_sequences(mean_tokens(k3))``, which is
+additive over micro-batches in the same way (divided by the full batch's number of sequences).
+That is not ConSPO's and DisCO's behaviour-KL constraint (``kl_constraint_beta``).
 
 Diagnostics are combined over micro-batches and ranks as weighted means: group counts are
 summed, ``mean_p_pos`` is weighted by counted positives, ``score_gap`` by valid groups, the
@@ -37,7 +41,7 @@ import torch
 from torch import nn
 
 from conspo.models.logprobs import completion_logprobs
-from conspo.objectives import get_objective, k3_kl
+from conspo.objectives import Objective, get_objective, k3_kl
 from services.learner.data import TrainGroup, assign_to_ranks, plan_micro_batches
 from services.learner.distributed import DistContext, set_gradient_sync
 
@@ -80,6 +84,49 @@ class TrainConfig:
     def from_settings(cls, s: Any) -> TrainConfig:
         names = cls.__dataclass_fields__
         return cls(**{k: getattr(s, k) for k in names if hasattr(s, k)})
+
+
+@dataclass(frozen=True)
+class ObjectivePlan:
+    """The objective as this learner runs it, read from its spec once (module doc)."""
+
+    objective: Objective
+    #: the reference KL the learner adds itself (0 when the objective applies its own)
+    learner_kl_beta: float
+
+    @classmethod
+    def of(cls, config: TrainConfig) -> ObjectivePlan:
+        base = get_objective(config.objective)
+        spec = base.spec
+        params = dict(config.objective_params)  # the user's values win over the settings'
+        if spec.temperature is not None:
+            params.setdefault(spec.temperature, config.tau)
+        learner_kl_beta = config.kl_beta
+        if spec.reference_kl is not None:
+            params.setdefault(spec.reference_kl, config.kl_beta)
+            learner_kl_beta = 0.0
+        return cls(base.with_options(**params), learner_kl_beta)
+
+    @property
+    def uses_margin(self) -> bool:
+        return self.objective.margin_schedule is not None
+
+    @property
+    def needs_behaviour(self) -> bool:
+        return self.objective.needs_old_logprobs
+
+    @property
+    def needs_reference(self) -> bool:
+        """A frozen reference model must be loaded (for the objective's KL or the learner's)."""
+        return self.objective.needs_ref_logprobs or self.learner_kl_beta > 0
+
+    def batch_options(self, groups: Sequence[TrainGroup]) -> dict[str, Any]:
+        """Hyper-parameters fixed per step from the whole batch, the same in every micro-batch:
+        the generation budget (Dr.GRPO's length constant) unless the user set one."""
+        budget = self.objective.spec.generation_budget
+        if budget is None or self.objective.defaults.get(budget) is not None or not groups:
+            return {}
+        return {budget: max(g.max_tokens for g in groups)}
 
 
 @dataclass
@@ -150,19 +197,9 @@ class Trainer:
         self.ctx = ctx
         self.pad_id = pad_id
         self.dummy_ids = dummy_ids
-        base = get_objective(config.objective)
-        params = dict(config.objective_params)
-        if "tau" in base.defaults:
-            params.setdefault("tau", config.tau)
-        self.learner_kl_beta = config.kl_beta
-        if "beta" in base.defaults:
-            params.setdefault("beta", config.kl_beta)
-            self.learner_kl_beta = 0.0
-        self.objective = base.with_options(**params)
-        self.uses_margin = self.objective.margin_schedule is not None
-        self.needs_old = self.objective.needs_old_logprobs
-        self.needs_ref = self.objective.needs_ref_logprobs or self.learner_kl_beta > 0
-        if self.needs_ref and ref_model is None:
+        self.plan = ObjectivePlan.of(config)
+        self.objective = self.plan.objective
+        if self.plan.needs_reference and ref_model is None:
             raise ValueError("a KL term needs a reference model")
         self.optimizer = torch.optim.AdamW(
             model.parameters(),
@@ -219,7 +256,7 @@ class Trainer:
         gids = full.tensor(lambda g, c: g, torch.long, "cpu")
         denominator = self.objective.denominator(full_mask, rewards, gids)
         n_rows = max(len(full.order), 1)
-        extra = self._extra_kwargs(groups)
+        extra = self.plan.batch_options(groups)
 
         shares = assign_to_ranks(groups, self.ctx.world_size)
         budget = self.config.token_budget
@@ -289,16 +326,6 @@ class Trainer:
         return out
 
     # -- internals --------------------------------------------------------------------------------
-    def _extra_kwargs(self, groups: Sequence[TrainGroup]) -> dict[str, Any]:
-        # Dr.GRPO divides by a constant: the generation budget, the same for every micro-batch.
-        if (
-            self.objective.name == "dr_grpo"
-            and self.objective.defaults.get("max_len") is None
-            and groups
-        ):
-            return {"max_len": max(g.max_tokens for g in groups)}
-        return {}
-
     def _dummy(self) -> _Rows:
         """A one-row, zero-weight micro-batch: keeps FSDP collectives aligned across ranks."""
         bos, eos = self.dummy_ids
@@ -346,9 +373,10 @@ class Trainer:
         rewards = rows.tensor(lambda g, c: rows.groups[g].rewards[c], torch.float32, device)
         gids = rows.tensor(lambda g, c: g, torch.long, device)
         kwargs: dict[str, Any] = dict(extra)
-        if self.uses_margin:
+        plan = self.plan
+        if plan.uses_margin:
             kwargs["margin"] = margin
-        if self.needs_old:
+        if plan.needs_behaviour:
             old = [
                 list(rows.groups[g].behaviour_logprobs[c]) + [0.0] * width for g, c in rows.order
             ]
@@ -356,7 +384,7 @@ class Trainer:
                 [o[:width] for o in old], dtype=torch.float32, device=device
             )
         ref = None
-        if self.needs_ref:
+        if plan.needs_reference:
             with torch.no_grad():
                 ref, _, _ = self._logprobs(self.ref_model, rows, False)
                 ref = torch.nn.functional.pad(ref, (0, width - ref.shape[1]))
@@ -366,10 +394,10 @@ class Trainer:
         loss = loss_sum / denominator
         diag = dict(diag)
         bool_mask = mask > 0
-        if self.learner_kl_beta > 0:
+        if plan.learner_kl_beta > 0:
             kl_tok = k3_kl(logp, ref, bool_mask)
             kl_seq = kl_tok.sum(-1) / bool_mask.sum(-1).clamp(min=1)
-            loss = loss + self.learner_kl_beta * kl_seq.sum() / n_rows
+            loss = loss + plan.learner_kl_beta * kl_seq.sum() / n_rows
             diag["kl_ref"] = kl_seq.detach().mean()
         if ent is not None:
             diag["entropy"] = (ent * mask).sum() / mask.sum().clamp(min=1)

@@ -119,11 +119,16 @@ def test_paper_defaults():
     assert d["conspo"]["tau"] == 10.0
     assert d["conspo"]["reduce"] == "mean"
     assert d["conspo"]["kl_constraint"] is False
-    assert (d["conspo"]["kl_delta"], d["conspo"]["kl_beta"]) == (1e-4, 1e3)
+    assert (d["conspo"]["kl_constraint_delta"], d["conspo"]["kl_constraint_beta"]) == (1e-4, 1e3)
     assert (d["grpo"]["eps"], d["grpo"]["beta"], d["grpo"]["std"]) == (0.2, 0.0, "population")
     assert d["dr_grpo"]["eps"] == 0.2
     assert (d["dapo"]["eps_low"], d["dapo"]["eps_high"], d["dapo"]["beta"]) == (0.2, 0.28, 0.0)
-    assert (d["disco"]["tau"], d["disco"]["kl_delta"], d["disco"]["kl_beta"]) == (10.0, 1e-4, 1e3)
+    disco = d["disco"]
+    assert (disco["tau"], disco["kl_constraint_delta"], disco["kl_constraint_beta"]) == (
+        10.0,
+        1e-4,
+        1e3,
+    )
     assert d["disco"]["reduce"] == "all_groups"
     assert (d["gspo"]["eps_low"], d["gspo"]["eps_high"]) == (3e-4, 4e-4)
     assert (d["gmpo"]["eps_low"], d["gmpo"]["eps_high"]) == (0.4, 0.4)

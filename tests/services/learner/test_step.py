@@ -7,9 +7,10 @@ import math
 import pytest
 
 from conspo.models.tiny import load_policy
+from conspo.objectives import OBJECTIVES, ObjectiveSpec, grpo, registry
 from services.learner.data import TrainGroup, assign_to_ranks, plan_micro_batches
 from services.learner.distributed import DistContext
-from services.learner.step import TrainConfig, Trainer, lr_factor
+from services.learner.step import ObjectivePlan, TrainConfig, Trainer, lr_factor
 
 
 def _trainer(model_path, *, with_ref: bool = False, **config) -> Trainer:
@@ -124,6 +125,107 @@ def test_each_objective_gets_its_own_margin_schedule(model_path):
     assert margins("conspo_fixedmargin") == pytest.approx([0.02, 0.02, 0.02])
     assert margins("conspo_nomargin") == [0.0, 0.0, 0.0]
     assert margins("grpo") == [0.0, 0.0, 0.0]
+
+
+class Probe:
+    """An objective with none of the usual keyword names, registered under a new name: the
+    learner can only serve it by reading its spec. Records what each call received."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict] = []
+
+    def __call__(
+        self,
+        token_logprobs,
+        mask,
+        rewards,
+        group_ids,
+        *,
+        old_logprobs=None,
+        ref_logprobs=None,
+        temp: float = 1.0,
+        ref_coef: float = 0.0,
+        length: int | None = None,
+        gap: float = 0.0,
+        reduce: str = "mean",
+    ):
+        self.calls.append(
+            {
+                "old": old_logprobs is not None,
+                "ref": ref_logprobs is not None,
+                "temp": temp,
+                "ref_coef": ref_coef,
+                "length": length,
+                "gap": gap,
+            }
+        )
+        return grpo(
+            token_logprobs, mask, rewards, group_ids, old_logprobs=old_logprobs,
+            ref_logprobs=ref_logprobs, beta=ref_coef, reduce=reduce,
+        )  # fmt: skip
+
+
+@pytest.fixture
+def probe(monkeypatch) -> Probe:
+    fn = Probe()
+    fn.__name__ = "probe"  # type: ignore[attr-defined]
+    spec = ObjectiveSpec(
+        fn,
+        denominator="sequences",
+        reference_kl="ref_coef",
+        temperature="temp",
+        generation_budget="length",
+    )
+    monkeypatch.setattr(
+        registry, "OBJECTIVES", {**OBJECTIVES, "probe": registry.register("probe", spec)}
+    )
+    return fn
+
+
+def test_the_step_serves_what_the_spec_declares(model_path, groups_factory, probe):
+    groups = [TrainGroup.from_labeled(g) for g in groups_factory(2, group_size=4, seed=5)]
+    trainer = _trainer(model_path, objective="probe", tau=3.0, kl_beta=0.25, with_ref=True)
+    trainer.accumulate(groups, 0, 10)
+    budget = max(g.max_tokens for g in groups)
+    assert probe.calls == [
+        {"old": True, "ref": True, "temp": 3.0, "ref_coef": 0.25, "length": budget, "gap": 0.0}
+    ]
+    # The objective applies the reference KL itself: the learner adds none on top.
+    assert trainer.plan.learner_kl_beta == 0.0
+
+
+def test_the_users_values_win_over_what_the_learner_fills(probe):
+    config = TrainConfig(
+        objective="probe", tau=3.0, kl_beta=0.25, objective_params={"temp": 7.0, "length": 9}
+    )
+    plan = ObjectivePlan.of(config)
+    assert (plan.objective.defaults["temp"], plan.objective.defaults["ref_coef"]) == (7.0, 0.25)
+    assert plan.batch_options([]) == {} and plan.needs_reference
+
+
+@pytest.mark.parametrize(
+    ("objective", "kl_beta", "learner_kl", "reference", "behaviour"),
+    [
+        ("conspo", 0.0, 0.0, False, False),
+        ("conspo", 0.1, 0.1, True, False),  # no reference KL of its own: the learner adds it
+        ("disco", 0.1, 0.1, True, True),
+        ("grpo", 0.0, 0.0, False, True),
+        ("grpo", 0.1, 0.0, True, True),  # its own beta takes the setting
+        ("conspo_linear", 0.0, 0.0, False, False),
+    ],
+)
+def test_the_plan_reads_each_spec(objective, kl_beta, learner_kl, reference, behaviour):
+    plan = ObjectivePlan.of(TrainConfig(objective=objective, kl_beta=kl_beta, tau=4.0))
+    assert plan.learner_kl_beta == learner_kl
+    assert plan.needs_reference is reference
+    assert plan.needs_behaviour is behaviour
+    if plan.objective.spec.temperature is not None:
+        assert plan.objective.defaults[plan.objective.spec.temperature] == 4.0
+
+
+def test_a_reference_kl_without_a_reference_model_is_refused(model_path):
+    with pytest.raises(ValueError, match="reference model"):
+        _trainer(model_path, objective="conspo", kl_beta=0.1)
 
 
 def test_lr_schedules_follow_their_definitions():
