@@ -22,14 +22,20 @@ pipeline, the learner's final checkpoint).
 Mismatches that remain (also printed): the prompt ORDER (TRL's sampler and the api's feeder
 shuffle with their own RNGs: the same prompt set, another sequence); the group std (TRL: sample
 std + 1e-4; ours: population std + 1e-6); threads (TRL is one process using every core for each
-phase in turn; the stack runs one torch thread per service, generator and learner in parallel);
+phase in turn; the stack runs ``--learner-threads`` / ``--generator-threads`` torch threads in
+those two services, one elsewhere, all in parallel);
 the sampler (TRL: ``model.generate``; ours: ``sample_groups``; the same distribution); with
 s=1 the pipeline's ratios use behaviour log-probs up to one version old.
 
 Needs the optional ``bench`` extra (``pip install -e '.[bench]'``); without TRL the script exits
 with status 2 and says so. Usage::
 
-    python bench/vs_trl.py [--model PATH] [--steps 100] [--smoke]
+    python bench/vs_trl.py [--model PATH] [--steps 100] [--repeats 3] [--learner-threads 1]
+                           [--generator-threads 1] [--smoke]
+
+The rows run ``--repeats`` times, interleaved (TRL, s=0, s=1, ConSPO s=1, TRL, ...); each
+pipeline row is divided by the TRL run of its own repeat, and the table and the results' ``goals``
+(issue 18: s=1 >= 1.0x TRL at equal accuracy, s=0 >= 0.8x) give the medians.
 """
 
 from __future__ import annotations
