@@ -101,6 +101,26 @@ def summary(text: str) -> str:
     return line
 
 
+def goal(
+    name: str, value: float, target: float, unit: str, *, higher_is_better: bool = True
+) -> dict[str, Any]:
+    """One entry of a results file's ``goals`` list: a measured figure against its goal (the
+    schema ``bench/run_all.py`` reads from every script: name, value, goal, unit,
+    higher_is_better)."""
+    return {
+        "name": name,
+        "value": float(value),
+        "goal": float(target),
+        "unit": unit,
+        "higher_is_better": bool(higher_is_better),
+    }
+
+
+def goal_met(entry: dict[str, Any]) -> bool:
+    value, target = float(entry["value"]), float(entry["goal"])
+    return value >= target if entry.get("higher_is_better", True) else value <= target
+
+
 def result_paths(json_arg: str | Path | None, name: str) -> tuple[Path, Path]:
     """Where a script writes its JSON and its PNG(s): ``--json PATH`` decides the folder, else
     ``bench/results/``. The PNG sits next to the JSON with the same stem."""
@@ -195,6 +215,8 @@ def stack_config(
     verifiers: int = 2,
     checkpoint_every: int = 10,
     learner_env: dict[str, str] | None = None,
+    learner_threads: int | None = None,
+    generator_threads: int | None = None,
 ):
     """The demo's stack (``conspo.launch.StackConfig``) in a fresh folder, no evaluation, no PNG
     redraws (~2 s of CPU per render here: not part of a step), quiet logs."""
@@ -222,6 +244,8 @@ def stack_config(
         eval_every=0,
         checkpoint_every=checkpoint_every,
         log_level="WARNING",
+        learner_threads=learner_threads,
+        generator_threads=generator_threads,
         env={"learner": {"CONSPO_PLOT_EVERY": "0", **(learner_env or {})}},
     )
 

@@ -7,6 +7,13 @@ leaves no JSON with the keys its report needs; the script then exits 1. The summ
 its ``summary:`` line (``SUMMARY`` for objectives_overhead); the two older scripts that print
 none (generator_throughput, weight_sync) get one built from their JSON.
 
+Goals (issue 18): after the table, every figure that has a goal is printed against it with PASS
+or MISS. A script reports its figures as a ``goals`` list in its results JSON, each entry
+``{"name", "value", "goal", "unit", "higher_is_better"}`` (``_common.goal``); where a script
+writes no such list yet, ``DERIVED`` builds the entries from its other keys. Every goal of
+``ISSUE_GOALS`` is printed, a missing one as MISS (not measured), so a run that skipped or broke
+a benchmark cannot look like a success. The list also goes to ``run_all.json`` (``goals``).
+
 Usage::
 
     python bench/run_all.py [--smoke] [--model PATH] [--only NAME ...] [--skip NAME ...]
@@ -25,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, header, loadavg, machine, table, write_json
+from _common import RESULTS, goal, goal_met, header, loadavg, machine, table, write_json
 
 BENCH_DIR = Path(__file__).resolve().parent
 
@@ -62,8 +69,97 @@ BENCHES = [
         needs_model=True,
     ),
     Bench("vs_trl", "vs_trl.py", ("machine", "results", "accuracy_start"), needs_model=True),
+    Bench("profile_step", "profile_step.py", ("machine", "runs"), needs_model=True),
 ]
 NAMES = [b.name for b in BENCHES]
+
+#: Issue 18's goals: name -> (the benchmark expected to report it, goal, unit, higher is
+#: better). The names are the ``name`` fields of the scripts' ``goals`` entries.
+ISSUE_GOALS: dict[str, tuple[str, float, str, bool]] = {
+    "vs TRL samples/s, max_staleness 1": ("vs_trl", 1.0, "x", True),
+    "held-out accuracy vs TRL, max_staleness 1": ("vs_trl", -2.0, "pts", True),
+    "vs TRL samples/s, synchronous (max_staleness 0)": ("vs_trl", 0.8, "x", True),
+    "API single prompt req/s, idle": ("api_throughput", 1000.0, "req/s", True),
+    "API single prompt p99, idle": ("api_throughput", 50.0, "ms", False),
+    "API single prompt req/s, while training": ("api_throughput", 300.0, "req/s", True),
+    "API single prompt p99, while training": ("api_throughput", 250.0, "ms", False),
+    "API batches of 100 prompts/s, idle": ("api_throughput", 1000.0, "prompts/s", True),
+    "API batches of 100 p99, idle": ("api_throughput", 50.0, "ms", False),
+    "API batches of 100 prompts/s, while training": ("api_throughput", 300.0, "prompts/s", True),
+    "API batches of 100 p99, while training": ("api_throughput", 250.0, "ms", False),
+    "queue vs raw Redis (8x512-token groups)": ("queue_throughput", 0.5, "x", True),
+}
+
+
+def _derived_queue(data: dict[str, Any]) -> list[dict[str, Any]]:
+    # Until the script reports its own goals: its ratio against raw Redis, as it measures it.
+    return [goal("queue vs raw Redis (8x512-token groups)", data["ratio_vs_raw_xadd"], 0.5, "x")]
+
+
+DERIVED = {"queue_throughput": _derived_queue}
+GOAL_KEYS = ("name", "value", "goal", "unit", "higher_is_better")
+
+
+def goals_of(name: str, data: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The goal entries of one benchmark's results (its ``goals`` list, else ``DERIVED``);
+    malformed entries are dropped with a warning rather than failing the whole table."""
+    if data is None:
+        return []
+    raw = data.get("goals")
+    if raw is None and name in DERIVED:
+        try:
+            raw = DERIVED[name](data)
+        except (KeyError, TypeError, ValueError):
+            raw = []
+    out = []
+    for entry in raw or []:
+        if not isinstance(entry, dict) or any(k not in entry for k in GOAL_KEYS[:3]):
+            print(f"[{name}] ignoring a malformed goal entry: {entry!r}", flush=True)
+            continue
+        out.append({**entry, "source": name, "met": goal_met(entry)})
+    return out
+
+
+def goal_rows(reported: list[dict[str, Any]], chosen: set[str]) -> list[dict[str, Any]]:
+    """Every issue goal (reported or not) followed by any other goal a script reported."""
+    by_name = {g["name"]: g for g in reported}
+    rows = []
+    for name, (source, target, unit, higher) in ISSUE_GOALS.items():
+        if name in by_name:
+            rows.append(by_name.pop(name))
+            continue
+        if source not in NAMES:
+            why = f"no {source} benchmark"
+        else:
+            why = "not run" if source not in chosen else "not reported"
+        rows.append({"name": name, "value": None, "goal": target, "unit": unit,
+                     "higher_is_better": higher, "source": source, "met": False,
+                     "missing": why})  # fmt: skip
+    return rows + list(by_name.values())
+
+
+def print_goals(rows: list[dict[str, Any]]) -> None:
+    def verdict(g: dict[str, Any]) -> str:
+        if g["value"] is None:
+            return f"MISS ({g['missing']})"
+        return "PASS" if g["met"] else "MISS"
+
+    print(
+        table(
+            [
+                [
+                    g["name"],
+                    "-" if g["value"] is None else f"{g['value']:,.2f} {g.get('unit', '')}",
+                    f"{'>=' if g.get('higher_is_better', True) else '<='} "
+                    f"{g['goal']:,.2f} {g.get('unit', '')}",
+                    verdict(g),
+                    g["source"],
+                ]
+                for g in rows
+            ],
+            ["goal (issue 18)", "measured", "goal", "verdict", "benchmark"],
+        )
+    )
 
 
 def summary_line(output: str) -> str | None:
@@ -151,6 +247,7 @@ def run_one(bench: Bench, args: argparse.Namespace, results: Path) -> dict[str, 
         text = f"(no summary) {tail[0][:200] if tail else ''}"
     print(f"[{bench.name}] {status} in {seconds:.0f}s: {text}", flush=True)
     return {
+        "goals": goals_of(bench.name, data),
         "name": bench.name,
         "status": status,
         "seconds": round(seconds, 1),
@@ -189,6 +286,9 @@ def main() -> int:
         )
     )
     failed = [r["name"] for r in rows if r["status"] != "ok"]
+    goals = goal_rows([g for r in rows for g in r["goals"]], {r["name"] for r in rows})
+    print()
+    print_goals(goals)
     write_json(
         args.results / "run_all.json",
         "run_all",
@@ -199,6 +299,7 @@ def main() -> int:
             "wall_s": wall,
             "benchmarks": rows,
             "failed": failed,
+            "goals": goals,
         },
     )
     print(

@@ -28,6 +28,14 @@ The learner announces ``batch_groups`` and ``max_staleness`` in the state hash a
 (``RunStore.announce_run``) and the script enforces those. A generator that follows the learner
 (its own left unset) gets no budget before the learner has announced; one with its own values
 (checked against the learner's: ``conspo.settings.check_run_settings``) uses them until then.
+
+Waking instead of polling: a generator that gets no budget blocks on ``flow:wake``, a short
+stream the learner appends to in the same transaction as every ``consumed`` increment (after it
+has written the new policy version), and a generator appends to when it has staged new weights
+(``notify``). ``reserve`` returns, atomically with its decision, the id of the newest wake-up,
+and ``wait`` reads from there, so a wake-up that lands between the decision and the wait is
+never lost; the wait still ends after its timeout (the old poll interval), so a missing
+notification costs at most one poll interval, never a hang.
 """
 
 from __future__ import annotations
@@ -42,24 +50,29 @@ from conspo.state import POLICY_VERSION_FIELD
 
 PRODUCED = counters.GENERATOR_GROUPS
 CONSUMED = counters.LEARNER_GROUPS_CONSUMED
+WAKE_KEEP = 64  # wake-ups kept in the stream: a waiter only needs the newest one
 
 _RESERVE = """
--- KEYS: counters, leases, state. ARGV: instance, want, B, max_staleness ('' for B and s: only
--- the learner's), now, ttl, served version, the names of the produced and consumed counters
--- (conspo.counters), then the state fields batch_groups, max_staleness, policy_version.
+-- KEYS: counters, leases, state, wake stream. ARGV: instance, want, B, max_staleness ('' for B
+-- and s: only the learner's), now, ttl, served version, the names of the produced and consumed
+-- counters (conspo.counters), then the state fields batch_groups, max_staleness, policy_version.
+-- Returns {grant, cap, id of the newest wake-up ('0-0': none yet)}.
+local newest = redis.call('XREVRANGE', KEYS[4], '+', '-', 'COUNT', 1)
+local mark = '0-0'
+if #newest > 0 then mark = newest[1][1] end
 local produced = tonumber(redis.call('HGET', KEYS[1], ARGV[8]) or '0')
 local consumed = tonumber(redis.call('HGET', KEYS[1], ARGV[9]) or '0')
 local B = tonumber(redis.call('HGET', KEYS[3], ARGV[10]) or ARGV[3])
 local s = tonumber(redis.call('HGET', KEYS[3], ARGV[11]) or ARGV[4])
 if B == nil or s == nil then
   redis.call('HDEL', KEYS[2], ARGV[1])
-  return {0, -2}
+  return {0, -2, mark}
 end
 local learner_version = tonumber(redis.call('HGET', KEYS[3], ARGV[12]) or '0')
 local now = tonumber(ARGV[5])
 if learner_version - tonumber(ARGV[7]) > s then
   redis.call('HDEL', KEYS[2], ARGV[1])
-  return {0, -1}
+  return {0, -1, mark}
 end
 local others = 0
 local leases = redis.call('HGETALL', KEYS[2])
@@ -84,7 +97,7 @@ if grant > 0 then
 else
   redis.call('HDEL', KEYS[2], ARGV[1])
 end
-return {grant, cap}
+return {grant, cap, mark}
 """
 
 _RENEW = """
@@ -115,6 +128,7 @@ class FlowControl:
         self.lease_ttl_s = lease_ttl_s
         self._reserve = client.register_script(_RESERVE)
         self._renew = client.register_script(_RENEW)
+        self.wake_mark = "0-0"  # the newest wake-up seen (by the last reserve or wait)
 
     def reserve(self, instance: str, want: int, served_version: int) -> int:
         """How many groups ``instance`` may start now (0: wait). A second call replaces the lease.
@@ -123,8 +137,8 @@ class FlowControl:
         the learner (it must apply the next push first), and while neither the learner nor this
         instance has said what ``batch_groups`` and ``max_staleness`` are.
         """
-        grant, _ = self._reserve(
-            keys=[self.keys.counters, self.keys.flow_leases, self.keys.state],
+        grant, _, mark = self._reserve(
+            keys=[self.keys.counters, self.keys.flow_leases, self.keys.state, self.keys.flow_wake],
             args=[
                 instance,
                 want,
@@ -140,7 +154,26 @@ class FlowControl:
                 POLICY_VERSION_FIELD,
             ],
         )
+        self.wake_mark = mark.decode() if isinstance(mark, bytes) else str(mark)
         return int(grant)
+
+    def wait(self, timeout_s: float) -> bool:
+        """Block until a wake-up newer than ``wake_mark`` (one that came after the last
+        ``reserve``), or ``timeout_s``; returns True if woken. The caller re-asks ``reserve``."""
+        block_ms = max(1, int(timeout_s * 1000))
+        got = self.client.xread({self.keys.flow_wake: self.wake_mark}, count=WAKE_KEEP,
+                                block=block_ms)  # fmt: skip
+        if not got:
+            return False
+        entries = got[0][1]
+        if entries:
+            last = entries[-1][0]
+            self.wake_mark = last.decode() if isinstance(last, bytes) else str(last)
+        return True
+
+    def notify(self, reason: str = "staged") -> None:
+        """Wake every generator waiting for budget (e.g. new weights were staged here)."""
+        self.client.xadd(self.keys.flow_wake, {"why": reason}, maxlen=WAKE_KEEP, approximate=True)
 
     def renew(self, instance: str) -> bool:
         """Push back the expiry of ``instance``'s lease, if it holds one (heartbeat thread)."""
@@ -154,9 +187,18 @@ class FlowControl:
     def consumed(self, n: int) -> None:
         """The learner is done with ``n`` more groups (trained, skipped or dropped)."""
         if n:
-            self.client.hincrby(self.keys.counters, CONSUMED, n)
+            # One round trip, atomic: a generator woken by the entry sees the new count (and
+            # the policy version the learner wrote before calling this).
+            pipe = self.client.pipeline(transaction=True)
+            pipe.hincrby(self.keys.counters, CONSUMED, n)
+            pipe.xadd(self.keys.flow_wake, {"why": "consumed"}, maxlen=WAKE_KEEP,
+                      approximate=True)  # fmt: skip
+            pipe.execute()
 
     def set_consumed(self, total: int) -> None:
         """The learner's checkpointed total: absolute, so replaying steps after a restart does
         not count their groups twice."""
-        self.client.hset(self.keys.counters, CONSUMED, int(total))
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hset(self.keys.counters, CONSUMED, int(total))
+        pipe.xadd(self.keys.flow_wake, {"why": "restart"}, maxlen=WAKE_KEEP, approximate=True)
+        pipe.execute()

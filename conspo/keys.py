@@ -116,6 +116,12 @@ class Keys:
         return f"{self.base}:flow:leases"
 
     @property
+    def flow_wake(self) -> str:
+        """Stream of wake-ups for generators held back by flow control (``conspo.flow``): the
+        learner adds one when it consumes groups, a generator when it stages new weights."""
+        return f"{self.base}:flow:wake"
+
+    @property
     def datasets(self) -> str:
         """Hash dataset id -> JSON metadata (the index of ``services.api.datasets.store``)."""
         return f"{self.base}:datasets"

@@ -81,6 +81,15 @@ class StackConfig(BaseModel):
     eval_samples: int = 200
     checkpoint_every: int = 10
     threads: int = Field(default=1, ge=1, description="torch threads per generator / learner")
+    learner_threads: int | None = Field(
+        default=None,
+        ge=1,
+        description="torch threads of the learner (None: threads). More than one pays where "
+        "its forward/backward has cores to itself: docs/benchmarks.md, vs TRL.",
+    )
+    generator_threads: int | None = Field(
+        default=None, ge=1, description="torch threads of each hf generator (None: threads)."
+    )
     log_level: str = "INFO"
     env: dict[str, dict[str, str]] = Field(
         default_factory=dict, description="Extra env per service name (or 'all')."
@@ -143,7 +152,7 @@ class LocalStack:
     # -- configuration ---------------------------------------------------------------------------
     def env_for(self, service: str) -> dict[str, str]:
         c = self.cfg
-        threads = str(c.threads)
+        threads = str(self.threads_for(service))
         base = {
             "CONSPO_RUN": c.run,
             "CONSPO_REDIS_URL": c.redis_url,
@@ -151,9 +160,12 @@ class LocalStack:
             "CONSPO_LOG_LEVEL": c.log_level,
             "CONSPO_HEARTBEAT_S": "1",
             "PYTHONUNBUFFERED": "1",
-            # One thread per process: the services already run in parallel with each other.
+            # One thread per process unless told: the services already run in parallel. With
+            # more, OpenMP's idle threads sleep at once instead of spinning on cores that the
+            # other services need.
             "OMP_NUM_THREADS": threads,
             "MKL_NUM_THREADS": threads,
+            **({"OMP_WAIT_POLICY": "PASSIVE"} if threads != "1" else {}),
             "TOKENIZERS_PARALLELISM": "false",
         }
         # The stack's own tuning for a small machine (not knobs).
@@ -167,7 +179,6 @@ class LocalStack:
             "generator": {
                 "CONSPO_PROMPTS_PER_BATCH": min(c.batch_groups, 32),
                 "CONSPO_HF_SEED_MODE": "batch",
-                "CONSPO_POLL_MS": 20,  # hand-off latency of every synchronous step
                 "CONSPO_WEIGHT_SYNC_BACKEND": "gloo",
             },
             "verifier": {"CONSPO_PROCESSES": 1, "CONSPO_BLOCK_MS": 200, "CONSPO_TIMEOUT_S": 5},
@@ -181,10 +192,19 @@ class LocalStack:
             for target, setting in targets:
                 if target == service:
                     per[service][f"CONSPO_{setting.upper()}"] = getattr(c, knob)
+        if service in ("learner", "generator"):
+            setting = "CONSPO_NUM_THREADS" if service == "learner" else "CONSPO_CPU_THREADS"
+            per[service][setting] = threads
         env = {**os.environ, **base, **{k: str(v) for k, v in per[service].items()}}
         env.update(c.env.get("all", {}))
         env.update(c.env.get(service, {}))
         return env
+
+    def threads_for(self, service: str) -> int:
+        """torch / OpenMP threads of ``service``'s processes (api and verifiers: ``threads``)."""
+        c = self.cfg
+        own = {"learner": c.learner_threads, "generator": c.generator_threads}.get(service)
+        return own or c.threads
 
     def _add(self, service: str, index: int) -> Proc:
         argv = [sys.executable, "-m", "conspo.cli", service]

@@ -225,9 +225,11 @@ class GeneratorSettings(CommonSettings):
     poll_ms: int = Field(
         default=50,
         ge=1,
-        description="Re-check interval while flow control or the backlog holds generation back. "
-        "It is hand-off latency on every synchronous step (max_staleness=0: 100 ms cost 38% of "
-        "a demo step, see docs/benchmarks.md); one cheap Lua call per wake.",
+        description="Longest wait while flow control or the backlog holds generation back, "
+        "and the blocking read's timeout. The generator wakes earlier on the learner's "
+        "consumption or on staged weights (conspo.flow: FlowControl.wait), so this bounds what "
+        "a lost wake-up costs; it was the hand-off latency of every synchronous step when the "
+        "generator polled (docs/benchmarks.md).",
     )
     weight_sync_timeout_s: SyncTimeout | None = Field(
         default=None,

@@ -31,6 +31,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -298,6 +299,9 @@ class WeightSubscriber:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        #: Called (in the sync thread) after each version is staged: the generator wakes its
+        #: loop instead of finding the weights at its next poll.
+        self.on_staged: list[Callable[[], None]] = []
 
     # -- public ----------------------------------------------------------------------------------
     @property
@@ -591,6 +595,11 @@ class WeightSubscriber:
             self._staged = staged
             self._have_at = staged.announced_at
             self.last_error = None
+        for hook in self.on_staged:
+            try:
+                hook()
+            except Exception as exc:  # a lost wake-up costs one poll interval, no more
+                logger.warning("on_staged hook failed: %s", exc)
         logger.info(
             "weight subscriber %s staged v%d from %s in %.3fs",
             self.instance,

@@ -8,7 +8,10 @@ One iteration (``GeneratorLoop.step``):
 2. Admission. Stop pulling while the downstream backlog (``rollouts`` lag + pending of the
    verifiers, plus ``labeled`` lag; the learner keeps ``labeled`` entries pending until its
    checkpoint, so those do not count) exceeds ``max_backlog``, or while ``FlowControl.reserve``
-   grants nothing (staleness budget, or our weights are too old). Waiting time is counted.
+   grants nothing (staleness budget, or our weights are too old). Waiting is not polling: the
+   loop blocks on the flow wake-up stream, which the learner writes as it consumes groups and
+   this process when its subscriber stages weights (``FlowControl.wait``; ``poll_ms`` is only
+   the fallback bound). Waiting time is counted.
 3. Read up to the granted number of prompts; ack those whose ``generate`` marker exists (another
    generator finished them), dead-letter those that cannot be formatted, and sample G completions
    for the rest in ONE engine call.
@@ -129,6 +132,8 @@ class GeneratorLoop:
         self._last_learner_check = -1e9
         self._told: set[str] = set()
         runtime.on_beat.append(lambda: self.flow.renew(self.instance))
+        if weights is not None:  # a generator waiting for these weights wakes at once
+            weights.on_staged(lambda: self.flow.notify("staged"))
 
     # -- running ----------------------------------------------------------------------------------
     def run(self, max_iterations: int | None = None) -> None:
@@ -177,7 +182,11 @@ class GeneratorLoop:
             t0 = time.monotonic()
             self.runtime.status = "waiting"
             self._say_why_no_budget(t0)
-            self.runtime.sleep(self.settings.poll_ms / 1000)
+            # Weights staged since the top of this step: serve them now (the budget may
+            # depend on them). Else sleep until the learner consumes or weights are staged
+            # (``FlowControl.wait``), at most ``poll_ms``.
+            if not self.apply_staged_weights() and not self.runtime.stopping:
+                self.flow.wait(self.settings.poll_ms / 1000)
             self.metrics.waited("flow", time.monotonic() - t0)
             return 0
         self._no_budget_since = None
@@ -300,7 +309,8 @@ class GeneratorLoop:
         t0 = time.monotonic()
         self.runtime.status = "waiting"
         log.debug("backlog %d > %d: waiting", backlog, self.settings.max_backlog)
-        self.runtime.sleep(self.settings.poll_ms / 1000)
+        if not self.runtime.stopping:  # the learner's consumption also drains the backlog
+            self.flow.wait(self.settings.poll_ms / 1000)
         return "backlog", time.monotonic() - t0
 
     # -- one batch --------------------------------------------------------------------------------

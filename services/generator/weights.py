@@ -78,6 +78,13 @@ class WeightSync:
     def take_staged(self) -> StagedWeights | None:
         return self.follower.take_staged()
 
+    def on_staged(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (from the follower's thread) whenever a version is staged; a
+        follower without the hook (``CheckpointFollower``) leaves the loop to its poll bound."""
+        hooks = getattr(self.follower, "on_staged", None)
+        if hooks is not None:
+            hooks.append(callback)
+
     def apply(self, staged: StagedWeights) -> None:
         self._apply(staged)
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 from conspo.lineage import LEARN, learn_marker
 from conspo.protocol import LabeledGroup
-from conspo.queue import Delivery, StreamQueue
+from conspo.queue import Delivery, StreamQueue, markers
 from services.learner.data import TrainGroup, all_equal_rewards
 
 log = logging.getLogger(__name__)
@@ -95,6 +95,11 @@ class Batcher:
         self._last_renew = 0.0
         self._on_decided: Callable[[Decided], None] | None = None
         self.duplicates_total = 0
+        # LEARN markers of buffered groups, read in one round trip for the whole buffer, not one
+        # per group. Only this learner writes them, and it forgets held groups through
+        # ``release_held`` right after writing their markers: that clears the cache, so a
+        # cached "not done" is never older than the learner's own last mark.
+        self._done: dict[str, bool] = {}
 
     # -- holding ----------------------------------------------------------------------------------
     def hold(self, entry_id: str, group_id: str) -> None:
@@ -105,6 +110,7 @@ class Batcher:
         """Forget entries once acked (their markers now answer duplicate checks)."""
         self._held_entries.difference_update(entry_ids)
         self._held_groups.difference_update(group_ids)
+        self._done.clear()
 
     def replay(self, deliveries: list[Delivery[LabeledGroup]]) -> None:
         """Own pending entries found at start-up: classified before anything new."""
@@ -185,10 +191,17 @@ class Batcher:
             self._on_decided(decided)
         return decided
 
+    def _is_done(self, gid: str) -> bool:
+        if gid not in self._done:
+            wanted = [gid, *{d.message.group_id for d in self._buffer} - self._done.keys() - {gid}]
+            found = markers(self.queue.client, self.queue.keys, [(LEARN, g) for g in wanted])
+            self._done.update({g: m is not None for g, m in zip(wanted, found, strict=True)})
+        return self._done[gid]
+
     def _classify(self, d: Delivery[LabeledGroup], version: int, batch: Batch) -> None:
         group = d.message
         gid = group.group_id
-        if gid in self._held_groups or self.queue.is_done(LEARN, gid):
+        if gid in self._held_groups or self._is_done(gid):
             self.queue.ack(d)
             self._held_entries.discard(d.entry_id)
             batch.duplicates += 1

@@ -26,7 +26,7 @@ from conspo import counters
 from conspo.grading.config import GradeItem
 from conspo.lineage import VERIFY
 from conspo.protocol import LabeledGroup, RolloutGroup
-from conspo.queue import Commit, StreamQueue
+from conspo.queue import Commit, StreamQueue, markers
 from conspo.service import ServiceRuntime
 from conspo.serving import publish_verifiers
 from conspo.settings import VerifierSettings
@@ -117,8 +117,11 @@ class VerifierWorker:
         if not deliveries:
             return 0
         fresh = []
-        for d in deliveries:
-            if self.rollouts.is_done(VERIFY, d.message.group_id):
+        done = markers(  # one round trip for the batch, not one per group
+            self.rt.client, self.rt.keys, [(VERIFY, d.message.group_id) for d in deliveries]
+        )
+        for d, marker in zip(deliveries, done, strict=True):
+            if marker is not None:
                 self.rollouts.ack(d)  # labelled by a replica that died before its ack
                 self.metrics.duplicates.inc()
             else:

@@ -29,7 +29,8 @@ EXPECTED = {
     "verifier_throughput": {"machine", "cores", "replicas", "runs"},
     "objectives": {"machine", "objectives", "warm_start_accuracy", "target", "runs"},
     "async_vs_sync": {"machine", "modes", "runs"},
-    "vs_trl": {"machine", "results", "accuracy_start", "mismatches"},
+    "vs_trl": {"machine", "results", "accuracy_start", "mismatches", "goals"},
+    "profile_step": {"machine", "runs", "categories"},
 }
 
 
@@ -185,6 +186,22 @@ def test_vs_trl_smoke(tmp_path, redis_url):
     for r in data["results"]:
         assert r["steps"] == data["config"]["steps"]
         assert 0.0 <= r["accuracy"] <= 1.0
+    names = {g["name"] for g in data["goals"]}
+    assert "vs TRL samples/s, max_staleness 1" in names  # what run_all judges against 1.0x
+    schema = {"name", "value", "goal", "unit", "higher_is_better"}
+    assert all(schema <= set(g) for g in data["goals"])
+
+
+@pytest.mark.slow
+def test_profile_step_smoke(tmp_path, redis_url):
+    if not _model():
+        pytest.skip("no model checkpoint (bundled asset missing, $CONSPO_BENCH_MODEL unset)")
+    out = _run_all(["profile_step"], tmp_path, redis_url, timeout=300)
+    data = _check(tmp_path, ["profile_step"], out)["profile_step"]
+    (run,) = data["runs"]
+    assert run["accounting"]["lost"] == 0
+    assert {"learner-0", "generator-0", "verifier-0", "api-0"} <= set(run["cpu_s_per_step"])
+    assert run["learner_s_per_step"]["fwd_bwd"] > 0
 
 
 def test_gpu_scale_smoke_on_cpu(tmp_path):

@@ -91,3 +91,39 @@ def test_a_renewed_lease_outlives_its_ttl_and_a_released_one_is_not_revived(redi
     flow.release("busy")
     assert not flow.renew("busy")  # a beat after the release does not bring it back
     assert flow.reserve("other", 4, served_version=0) == 4
+
+
+# -- waking instead of polling ---------------------------------------------------------------------
+def test_a_wait_with_nothing_new_ends_at_its_timeout(redis_client, keys):
+    flow = make(redis_client, keys, b=4, s=0)
+    flow.reserve("g1", 4, served_version=0)
+    t0 = time.monotonic()
+    assert flow.wait(0.2) is False
+    assert 0.15 <= time.monotonic() - t0 < 5.0
+
+
+def test_consumption_between_the_decision_and_the_wait_is_not_lost(redis_client, keys):
+    flow = make(redis_client, keys, b=4, s=0)
+    produce(redis_client, keys, 4)
+    assert flow.reserve("g1", 4, served_version=0) == 0  # nothing consumed yet: wait
+    learner = make(redis_client, keys, b=4, s=0)
+    learner.consumed(4)  # lands before the generator starts waiting
+    t0 = time.monotonic()
+    assert flow.wait(30.0) is True
+    assert time.monotonic() - t0 < 5.0  # at once, not after the 30 s bound
+    assert flow.wait(0.1) is False  # the same wake-up does not wake twice
+    assert flow.reserve("g1", 4, served_version=0) == 4
+
+
+def test_staged_weights_wake_a_waiting_generator(redis_client, keys):
+    import threading
+
+    flow = make(redis_client, keys, b=4, s=0)
+    flow.reserve("g1", 4, served_version=0)
+    woke: list[bool] = []
+    waiter = threading.Thread(target=lambda: woke.append(flow.wait(30.0)))
+    waiter.start()
+    time.sleep(0.2)
+    make(redis_client, keys, b=4, s=0).notify("staged")
+    waiter.join(timeout=10)
+    assert woke == [True]

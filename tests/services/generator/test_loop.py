@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from conspo.flow import CONSUMED
+from conspo.flow import CONSUMED, FlowControl
 from conspo.lineage import GENERATE
 from conspo.protocol import ChatMessage, DeadLetter, Prompt, decode
 from conspo.queue import StreamQueue
@@ -130,6 +130,22 @@ def test_flow_control_holds_generation_to_the_learners_budget(
         assert len(read_rollouts()) == 4
     waited = running.loop.metrics.heartbeat_info()["backpressure_s"]
     assert waited > 1.0
+
+
+def test_a_waiting_generator_wakes_when_the_learner_consumes_not_at_its_next_poll(
+    hf_backend, run_loop, redis_client, keys, read_rollouts
+):
+    RunStore(redis_client, keys).announce_run(RunSettings(batch_groups=2, max_staleness=0))
+    publish(redis_client, keys, [arith(i) for i in range(6)])
+    # A 20 s fallback bound: only the learner's wake-up can explain a prompt resumption.
+    with run_loop(hf_backend, batch_groups=None, max_staleness=None, poll_ms=20_000) as running:
+        assert wait_for(lambda: len(read_rollouts()) == 2, TIMEOUT)
+        assert wait_for(lambda: running.runtime.status == "waiting", TIMEOUT)
+        time.sleep(0.3)  # inside its wait
+        t0 = time.monotonic()
+        FlowControl(redis_client, keys, batch_groups=2, max_staleness=0).consumed(2)
+        assert wait_for(lambda: len(read_rollouts()) == 4, 15.0)
+        assert time.monotonic() - t0 < 15.0
 
 
 def test_downstream_backlog_stops_the_pulling(

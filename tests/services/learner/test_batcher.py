@@ -230,3 +230,23 @@ def test_reclaimed_entries_already_in_hand_are_ignored(redis_client, keys):
     # Each group once: a redelivery buffered twice would come out as a duplicate and be acked.
     assert decisions(full) == {"train": ["a", "b", "c", "d"], "skipped": [], "dropped": []}
     assert full.duplicates == 0 and b.duplicates_total == 0
+
+
+def test_a_copy_marked_after_the_buffer_was_checked_is_still_a_duplicate(queue) -> None:
+    # The done markers of a buffer are read in one round trip and cached: the learner's own marks
+    # after that read must not be answered from the cache (release_held clears it).
+    a, x = group("a"), group("x")
+    publish(queue, [a, x, a])  # the third entry copies the first
+    b = batcher(queue, batch_groups=1, max_staleness=0, skip_uninformative=False)
+
+    first = take(b, 0, wait_timeout_s=5)
+    assert decisions(first)["train"] == ["a"]
+    queue.mark_and_ack([(first.train[0], "a", learn_marker("trained", 1))], stage=LEARN)
+    b.release_held([first.train[0].entry_id], ["a"])
+
+    second = take(b, 0, wait_timeout_s=5)
+    assert decisions(second)["train"] == ["x"]
+    assert b.duplicates_total == 0  # the copy is behind x in the buffer
+    third = take(b, 0)
+    assert not third.complete
+    assert third.duplicates == 1 and b.duplicates_total == 1  # not trained again
