@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from conspo.settings import LearnerSettings
 from services.learner.checkpoint import Checkpoint, capture_rng, restore_rng
 from services.learner.command import Progress, StepCommand
 from services.learner.distributed import (
@@ -35,7 +36,7 @@ from services.learner.step import ObjectivePlan, TrainConfig, Trainer
 log = logging.getLogger(__name__)
 
 
-def configure_torch(settings: Any) -> None:
+def configure_torch(settings: LearnerSettings) -> None:
     """Thread count and deterministic kernels: exact resume needs both fixed."""
     if settings.num_threads > 0:
         torch.set_num_threads(settings.num_threads)
@@ -60,7 +61,9 @@ def _enable_activation_checkpointing(model: nn.Module) -> None:
 
 
 class TrainingLoop:
-    def __init__(self, settings: Any, ctx: DistContext, service: LearnerService | None = None):
+    def __init__(
+        self, settings: LearnerSettings, ctx: DistContext, service: LearnerService | None = None
+    ) -> None:
         """``service`` is rank 0's (None on the other ranks)."""
         if ctx.is_main != (service is not None):
             raise ValueError("rank 0, and only rank 0, runs the learner service")

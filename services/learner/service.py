@@ -45,7 +45,7 @@ from conspo.flow import FlowControl
 from conspo.lineage import LEARN, learn_marker
 from conspo.protocol import LabeledGroup
 from conspo.queue import StreamQueue
-from conspo.settings import LearnerSettings
+from conspo.settings import LearnerSettings, RunSettings
 from conspo.state import RunStore, Waiting
 from services.learner.batcher import SKIPPED, Batch, Batcher, Decided
 from services.learner.checkpoint import (
@@ -158,8 +158,6 @@ class LearnerService:
     ) -> None:
         """Resume the commit side from ``ckpt`` (and its ledger), ack what it covers, queue the
         rest for replay, and open metrics, pushes and evaluation."""
-        from conspo.settings import RunSettings
-
         s = self.s
         self.model, self.at, self._eval_base = model, progress, base_path
         self.store.announce_run(RunSettings.of(s))
