@@ -17,7 +17,7 @@ Classification of the next entry:
 
 Decided entries stay pending (unacked, no marker) until the checkpoint that records them is
 committed, or, for skipped and dropped ones, until the learner releases them through its ledger
-(``services.learner.checkpoint.Ledger``); ``Learner`` then marks and acks them. While held,
+(``services.learner.checkpoint.Ledger``); ``LearnerService`` then marks and acks them. While held,
 their idle time is renewed with ``XCLAIM ... JUSTID`` (which does not count as a delivery), so
 ``StreamQueue.read``'s reclaim of idle entries never hands our own held entries back or
 dead-letters them.

@@ -29,7 +29,7 @@ from conspo.state import RunStore
 from conspo.testing import delete_run, spawn
 from services.learner.checkpoint import CheckpointManager
 from services.learner.distributed import DistContext
-from services.learner.learner import Learner
+from services.learner.main import build_learner
 
 pytestmark = [
     pytest.mark.slow,
@@ -92,7 +92,7 @@ def test_two_ranks_with_fsdp2_train_like_one(
             plot_every=0,
             **settings,
         )
-        learner = Learner(s, DistContext(), client=connect(redis_url))
+        learner = build_learner(s, DistContext(), client=connect(redis_url))
         try:
             assert learner.run() == "finished"
         finally:

@@ -15,7 +15,7 @@ from conspo.state import RunStore
 from conspo.testing import wait_for
 from services.learner.checkpoint import CheckpointManager
 from services.learner.distributed import DistContext
-from services.learner.learner import Learner
+from services.learner.main import build_learner
 
 
 def _settings(learner_settings, **over) -> LearnerSettings:
@@ -44,7 +44,7 @@ def test_stale_and_all_equal_groups_are_counted_and_marked(
         eval_k=2,
     )
     client = connect(redis_url)
-    learner = Learner(settings, DistContext(), client=client)
+    learner = build_learner(settings, DistContext(), client=client)
     try:
         assert learner.run() == "finished"
     finally:
@@ -111,7 +111,7 @@ def test_skipped_groups_count_as_consumed_before_the_batch_is_complete(
         plot_every=0,
     )
     stop = threading.Event()
-    learner = Learner(
+    learner = build_learner(
         settings, DistContext(), client=connect(redis_url), stop_requested=stop.is_set
     )
     result: list[str] = []

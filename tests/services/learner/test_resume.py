@@ -26,7 +26,7 @@ from conspo.state import RunStore
 from conspo.testing import delete_run, wait_for
 from services.learner.checkpoint import CheckpointManager
 from services.learner.distributed import DistContext
-from services.learner.learner import Learner
+from services.learner.main import build_learner
 
 B, STEPS, EVERY = 4, 8, 2
 
@@ -157,7 +157,7 @@ def _run_in_process(redis_url, run, model_path, data_dir, settings) -> None:
         **settings,
     )
     client = connect(redis_url)
-    learner = Learner(s, DistContext(), client=client)
+    learner = build_learner(s, DistContext(), client=client)
     try:
         assert learner.run() == "finished"
     finally:

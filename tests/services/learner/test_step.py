@@ -260,7 +260,7 @@ def test_micro_batches_and_rank_shares_keep_groups_whole():
 
 
 def test_activation_checkpointing_gives_the_same_gradient(model_path, groups_factory):
-    from services.learner.learner import _enable_activation_checkpointing
+    from services.learner.loop import _enable_activation_checkpointing
 
     labeled = groups_factory(4, pattern=lambda i: [j <= i % 3 for j in range(4)], seed=4)
     groups = [TrainGroup.from_labeled(g) for g in labeled]

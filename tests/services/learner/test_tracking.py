@@ -13,7 +13,7 @@ from conspo.queue import StreamQueue
 from conspo.redis_conn import connect
 from conspo.settings import LearnerSettings
 from services.learner.distributed import DistContext
-from services.learner.learner import Learner
+from services.learner.main import build_learner
 from services.learner.tracking import Trackers
 
 
@@ -100,7 +100,7 @@ def test_trackers_carry_every_figure_and_the_settings(
         tracking=["tensorboard", "wandb"],
         wandb_mode="offline",
     )
-    learner = Learner(settings, DistContext(), client=connect(redis_url))
+    learner = build_learner(settings, DistContext(), client=connect(redis_url))
     try:
         assert learner.run() == "finished"
     finally:

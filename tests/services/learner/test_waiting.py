@@ -23,7 +23,8 @@ from conspo.testing import wait_for
 from services.learner.batcher import DROPPED, SKIPPED, Decided
 from services.learner.checkpoint import CheckpointManager
 from services.learner.distributed import DistContext
-from services.learner.learner import Learner
+from services.learner.loop import TrainingLoop
+from services.learner.main import build_learner
 from services.learner.waiting import WaitStats
 
 WAIT_S = 1.0
@@ -107,11 +108,11 @@ def _settings(learner_settings, **over) -> LearnerSettings:
 class _Running:
     """A learner's ``run`` in a thread, stoppable."""
 
-    def __init__(self, learner: Learner) -> None:
+    def __init__(self, learner: TrainingLoop) -> None:
         self.learner = learner
         self.stop = threading.Event()
         self.result: list[object] = []
-        learner.stop_requested = self.stop.is_set
+        learner.service.stop_requested = self.stop.is_set
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
@@ -135,12 +136,12 @@ class _Running:
 def test_all_equal_stream_is_counted_explained_and_released_within_the_bound(
     redis_url, redis_client, run_name, keys, tmp_path, groups_factory, caplog, learner_settings
 ):
-    caplog.set_level("INFO", logger="services.learner.learner")
+    caplog.set_level("INFO", logger="services.learner.service")
     zeros = [_no_answer(g) for g in groups_factory(40, pattern=lambda i: [False] * 4)]
     queue = StreamQueue(redis_client, keys, "labeled", LabeledGroup)
     queue.publish_many([(g, g.group_id) for g in zeros])
     settings = _settings(learner_settings)
-    learner = Learner(settings, DistContext(), client=connect(redis_url))
+    learner = build_learner(settings, DistContext(), client=connect(redis_url))
     store = RunStore(redis_client, keys)
     started = time.time()
     running = _Running(learner)
@@ -218,7 +219,7 @@ def test_a_crash_between_the_ledger_and_its_ack_is_repaired_at_the_next_start(
     same = groups_factory(6, prefix="s", pattern=lambda i: [True] * 4)
     queue.publish_many([(g, g.group_id) for g in [*first, *same]])
     settings = _settings(learner_settings, total_steps=2)
-    learner = Learner(settings, DistContext(), client=connect(redis_url))
+    learner = build_learner(settings, DistContext(), client=connect(redis_url))
     ckpts = CheckpointManager(tmp_path / run_name / "checkpoints", keep=3)
     real = StreamQueue.mark_and_ack
 
@@ -241,7 +242,7 @@ def test_a_crash_between_the_ledger_and_its_ack_is_repaired_at_the_next_start(
     assert queue.backlog().pending == 6  # written down, not acked
 
     # The restart acks what the ledger covers, counts it once, and trains on.
-    restarted = Learner(settings, DistContext(), client=connect(redis_url))
+    restarted = build_learner(settings, DistContext(), client=connect(redis_url))
     assert queue.backlog().pending == 0
     store = RunStore(redis_client, keys)
     assert store.counters()[CONSUMED] == 8
@@ -265,7 +266,7 @@ def test_no_data_is_explained_with_the_queues_upstream(
     redis_url, redis_client, keys, learner_settings
 ):
     settings = _settings(learner_settings)
-    learner = Learner(settings, DistContext(), client=connect(redis_url))
+    learner = build_learner(settings, DistContext(), client=connect(redis_url))
     store = RunStore(redis_client, keys)
     running = _Running(learner)
     try:

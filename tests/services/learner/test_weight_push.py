@@ -26,7 +26,7 @@ from conspo.testing import spawn, wait_for
 from conspo.weight_sync import read_announcement, read_members, served_versions
 from services.learner.checkpoint import CheckpointManager
 from services.learner.distributed import DistContext
-from services.learner.learner import Learner
+from services.learner.main import build_learner
 
 WORKER = Path(__file__).with_name("receiver_worker.py")
 TIMEOUT_S = 6.0
@@ -85,7 +85,7 @@ def test_pushes_reach_receivers_bitwise_and_a_dead_one_does_not_hang_the_learner
             weight_sync_timeout_s=TIMEOUT_S,
             weight_sync_member_ttl_s=60.0,  # the killed receiver still looks alive at the next push
         )
-        learner = Learner(
+        learner = build_learner(
             settings, DistContext(), client=connect(redis_url), stop_requested=stop.is_set
         )
         result: list[str] = []
@@ -149,7 +149,7 @@ def test_an_idle_learner_pushes_its_weights_to_a_generator_that_joins(
         batch_groups=2, total_steps=5, progress_bar=False, plot_every=0, block_ms=100,
         weight_sync_backend="gloo", weight_sync_timeout_s=TIMEOUT_S, eval_every=0,
     )  # fmt: skip
-    learner = Learner(
+    learner = build_learner(
         settings, DistContext(), client=connect(redis_url), stop_requested=stop.is_set
     )
     thread = threading.Thread(target=learner.run, daemon=True)
