@@ -47,6 +47,7 @@ from conspo.protocol import LabeledGroup
 from conspo.queue import StreamQueue
 from conspo.settings import LearnerSettings, RunSettings
 from conspo.state import RunStore, Waiting
+from conspo.weight_sync import PushReport
 from services.learner.batcher import SKIPPED, Batch, Batcher, Decided
 from services.learner.checkpoint import (
     Checkpoint,
@@ -59,7 +60,7 @@ from services.learner.command import Progress, StepCommand
 from services.learner.distributed import DistContext
 from services.learner.metrics import Metrics, step_record
 from services.learner.step import StepStats
-from services.learner.sync import PushOutcome, WeightPush, parameter_list
+from services.learner.sync import WeightPush, parameter_list
 from services.learner.tracking import build_trackers
 from services.learner.waiting import WaitStats
 
@@ -479,7 +480,7 @@ class LearnerService:
         self.window = []
         self._trim()
 
-    def push_weights(self, progress: Progress, full: FullState) -> PushOutcome:
+    def push_weights(self, progress: Progress, full: FullState) -> PushReport:
         """Push the policy (``full``: the gathered weights under FSDP) as ``progress.version``."""
         assert self.push is not None
         outcome = self.push.push(
