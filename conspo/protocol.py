@@ -126,6 +126,17 @@ class PackedArray(Sequence):
 
     __hash__ = None  # type: ignore[assignment]  # equal to lists, which do not hash
 
+    # Concatenation gives a list, as it did when these fields were lists (``prompt + ids``).
+    def __add__(self, other: object) -> list:
+        if isinstance(other, PackedArray | list | tuple):
+            return self._a.tolist() + list(other)
+        return NotImplemented
+
+    def __radd__(self, other: object) -> list:
+        if isinstance(other, list | tuple):
+            return list(other) + self._a.tolist()
+        return NotImplemented
+
     def __repr__(self) -> str:
         return f"PackedArray({self._a.tolist()!r})"
 

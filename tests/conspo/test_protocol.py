@@ -134,6 +134,7 @@ def test_packed_array_reads_like_the_list_it_replaces() -> None:
         assert list(value) == [5, 6, 7] and tuple(value) == (5, 6, 7)
         assert np.asarray(value).tolist() == [5, 6, 7]
         assert pickle.loads(pickle.dumps(value)) == value
+        assert [1, 2] + value == [1, 2, 5, 6, 7] and value + (8,) == [5, 6, 7, 8]  # noqa: RUF005
     assert c.token_ids == ids  # int64 (from a list) equals int32 (from the wire)
     assert type(c.logprobs[1]) is float and c.logprobs == [-0.5, -0.25, 0.0]
     with pytest.raises(IndexError):
