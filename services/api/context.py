@@ -34,8 +34,14 @@ from services.api.metrics import ApiMetrics
 from services.api.publish import PromptPublisher
 
 
-def _auth(settings: ApiSettings) -> dict[str, object]:
-    kwargs: dict[str, object] = {}
+def _options(settings: ApiSettings) -> dict[str, object]:
+    """What both request clients share: short timeouts, one retry on a stale connection, auth."""
+    kwargs: dict[str, object] = {
+        "socket_timeout": settings.redis_timeout_s,
+        "socket_connect_timeout": settings.redis_timeout_s,
+        "retry_on_error": [redis.ConnectionError, redis.TimeoutError],
+        "health_check_interval": 10,
+    }
     if settings.redis_password is not None:
         kwargs["password"] = settings.redis_password.get_secret_value()
     if settings.redis_username:
@@ -46,26 +52,13 @@ def _auth(settings: ApiSettings) -> dict[str, object]:
 def request_aclient(settings: ApiSettings) -> aioredis.Redis:
     """The async twin of ``request_client``: connects on first use, in the serving loop."""
     return aioredis.Redis.from_url(
-        settings.redis_url,
-        socket_timeout=settings.redis_timeout_s,
-        socket_connect_timeout=settings.redis_timeout_s,
-        retry=AsyncRetry(NoBackoff(), 1),
-        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
-        health_check_interval=10,
-        **_auth(settings),
+        settings.redis_url, retry=AsyncRetry(NoBackoff(), 1), **_options(settings)
     )
 
 
 def request_client(settings: ApiSettings) -> redis.Redis:
-    kwargs = _auth(settings)
     return redis.Redis.from_url(
-        settings.redis_url,
-        socket_timeout=settings.redis_timeout_s,
-        socket_connect_timeout=settings.redis_timeout_s,
-        retry=Retry(NoBackoff(), 1),
-        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
-        health_check_interval=10,
-        **kwargs,
+        settings.redis_url, retry=Retry(NoBackoff(), 1), **_options(settings)
     )
 
 
