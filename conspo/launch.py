@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from conspo.accounting import accounting
 from conspo.keys import Keys
 from conspo.redis_conn import free_port
+from conspo.state import RunStore
 from conspo.testing import delete_run
 
 log = logging.getLogger(__name__)
@@ -175,6 +176,9 @@ class LocalStack:
                 "CONSPO_PORT": self.api_port,
                 "CONSPO_API_TOKEN": self.token,
                 "CONSPO_FEED_MAX_BACKLOG": max(2 * c.batch_groups, 8),
+                # A backlog of two steps refilled every 0.5 s capped the stack at one step per
+                # 0.25 s (vs_trl's bottleneck): refill at the pace of a step.
+                "CONSPO_FEED_INTERVAL_S": 0.05,
             },
             "generator": {
                 "CONSPO_PROMPTS_PER_BATCH": min(c.batch_groups, 32),
@@ -228,14 +232,27 @@ class LocalStack:
         self.wait_ready(ready_timeout)
 
     def wait_ready(self, timeout: float) -> None:
+        """Until the api answers ``/readyz`` and every process has left "starting" (its
+        heartbeat says so: models loaded, weight sync joined, loop entered), so that what
+        follows (a benchmark's clock, a test's first request) does not time start-up."""
         deadline = time.monotonic() + timeout
+        api_ready = False
         while time.monotonic() < deadline:
             self.check_alive()
-            with contextlib.suppress(httpx.HTTPError):
-                if self.http().get("/readyz").status_code == 200:
-                    return
-            time.sleep(0.25)
-        raise TimeoutError(f"the api did not become ready in {timeout:.0f}s (see {self.log_dir})")
+            if not api_ready:
+                with contextlib.suppress(httpx.HTTPError):
+                    api_ready = self.http().get("/readyz").status_code == 200
+            if api_ready and not self.starting():
+                return
+            time.sleep(0.05)
+        what = "the api" if not api_ready else ", ".join(p.name for p in self.starting())
+        raise TimeoutError(f"{what} did not become ready in {timeout:.0f}s (see {self.log_dir})")
+
+    def starting(self) -> list[Proc]:
+        """Processes with no heartbeat yet, or one that still says "starting"."""
+        up = {b.pid for b in RunStore(self.client, Keys(run=self.cfg.run)).heartbeats()
+              if b.status != "starting"}  # fmt: skip
+        return [p for p in self.procs if p.popen is not None and p.popen.pid not in up]
 
     @property
     def log_dir(self) -> Path:

@@ -57,7 +57,7 @@ class ServiceRuntime:
         self.store = RunStore(self.client, self.keys)
         self.registry = CollectorRegistry()
         self.stop_event = threading.Event()
-        self.status: Status = "starting"
+        self._status: Status = "starting"
         self.last_error: str | None = None
         self.error_count = 0
         self.last_error_at: float | None = None
@@ -71,6 +71,19 @@ class ServiceRuntime:
             "Times this instance found that Redis lost the run's state",
             registry=self.registry,
         )
+
+    @property
+    def status(self) -> Status:
+        return self._status
+
+    @status.setter
+    def status(self, value: Status) -> None:
+        """The first move out of "starting" is written at once, not at the next heartbeat:
+        whoever waits for the service to be up (``LocalStack.start``) learns it within ms."""
+        first = self._status == "starting" and value != "starting"
+        self._status = value
+        if first and self._beat_thread is not None:
+            self.beat()
 
     @property
     def stopping(self) -> bool:

@@ -425,6 +425,11 @@ class LearnerSettings(CommonSettings, RunSettings):
     )
     skip_uninformative: bool = True
     token_budget: int = Field(default=16_384, ge=1, description="Tokens per micro-batch.")
+    share_prompts: bool = Field(
+        default=True,
+        description="Run each group's prompt through the model once, not once per completion "
+        "(conspo.models.logprobs; same values, less compute). Off under grad_checkpointing.",
+    )
     lr: float = Field(default=1e-6, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
     adam_betas: tuple[float, float] = (0.9, 0.999)

@@ -34,14 +34,15 @@ Semantics the learner depends on (keep them exactly):
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from conspo.models.logprobs import cache_kwarg, new_cache
 
 logger = logging.getLogger(__name__)
 
@@ -71,19 +72,6 @@ def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) ->
     elif extra is not None:
         ids.update(int(i) for i in extra)
     return ids
-
-
-def _cache_kwarg(model: PreTrainedModel) -> str:
-    """transformers >= 5.2x calls the KV cache `cache`; earlier versions `past_key_values`."""
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def _new_cache(model: PreTrainedModel) -> DynamicCache:
-    try:
-        return DynamicCache(config=model.config)
-    except TypeError:  # older transformers: no config argument
-        return DynamicCache()
 
 
 def _pick_tokens(
@@ -153,7 +141,7 @@ def _sample_chunk(
     position_ids = (attn.cumsum(-1) - 1).clamp(min=0)
     input_ids, attn, position_ids = input_ids.to(device), attn.to(device), position_ids.to(device)
 
-    cache = _new_cache(model)
+    cache = new_cache(model)
     out = model(
         input_ids=input_ids,
         attention_mask=attn,
@@ -253,7 +241,7 @@ def sample_groups(
     if pad_id is None:
         pad_id = next(iter(eos_ids), 0)
     stop_checker = _StopChecker(tokenizer, stop or [])
-    cache_kwarg = _cache_kwarg(model)
+    kwarg = cache_kwarg(model)
     prompts_per_chunk = len(prompt_ids)
     if max_batch_rows is not None:
         prompts_per_chunk = max(1, max_batch_rows // n)
@@ -275,7 +263,7 @@ def sample_groups(
                 pad_id=int(pad_id),
                 stop_checker=stop_checker,
                 generator=generator,
-                cache_kwarg=cache_kwarg,
+                cache_kwarg=kwarg,
             )
             texts = tokenizer.batch_decode([r[0] for r in rows], skip_special_tokens=True)
             samples = [

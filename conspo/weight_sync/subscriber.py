@@ -438,8 +438,12 @@ class WeightSubscriber:
         pending: dict[tuple[int, int, float], float] = {}
         while not self._stop.is_set():
             self._reap()
+            # A received round is staged by this loop (``_reap``), so while one is in flight
+            # the loop looks every few ms: waiting the idle 100 ms here was the largest
+            # hand-off delay of a step (docs/benchmarks.md, vs TRL).
+            wait_s = 0.002 if self._round is not None else 0.1
             try:
-                message = pubsub.get_message(timeout=0.1)
+                message = pubsub.get_message(timeout=wait_s)
             except (redis.RedisError, OSError) as exc:
                 logger.warning("weight subscriber %s: channel lost (%s)", self.instance, exc)
                 with contextlib.suppress(Exception):

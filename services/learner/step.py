@@ -70,6 +70,7 @@ class TrainConfig:
     margin_warmup: float = 0.3
     kl_beta: float = 0.0
     token_budget: int = 16_384
+    share_prompts: bool = True
     lr: float = 1e-6
     weight_decay: float = 0.0
     adam_betas: tuple[float, float] = (0.9, 0.999)
@@ -347,6 +348,7 @@ class Trainer:
                 temperature=temperature,
                 token_budget=self.config.token_budget,
                 with_entropy=with_entropy,
+                share_prompts=self.config.share_prompts,
                 pad_id=self.pad_id,
             )
             parts.append(logp)

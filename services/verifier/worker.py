@@ -85,6 +85,14 @@ class VerifierWorker:
         runtime.info["verifiers"] = ",".join(self.offered)
 
     def run(self) -> None:
+        # The pool starts before the first read, not on it: its forkserver imports math-verify
+        # (~0.6 s), which otherwise delayed the run's first labelled groups. A pool that fails
+        # here is retried on the first batch, as after any pool failure.
+        if self.pool is None:
+            try:
+                self.pool = self.pool_factory()
+            except PoolError as exc:
+                self.rt.error(f"grading pool failed to start: {exc}; retrying on the first batch")
         self.rt.status = "running"
         self._publish_offered()
         backoff = 0.5

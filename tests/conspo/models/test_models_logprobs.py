@@ -151,3 +151,73 @@ def test_rejects_mismatched_inputs(peaked):
         completion_logprobs(model, [[1, 5]], [[5], [6]])
     with pytest.raises(ValueError, match="empty prompt"):
         completion_logprobs(model, [[]], [[5]])
+
+
+def _grouped(tok, sizes=(4, 1, 3, 2, 5)):
+    """Rows as an RL batch has them: groups of completions of one prompt (lengths mixed, a
+    one-token prompt whose shared prefix is empty, an empty completion), shuffled."""
+    prompts = _prompts(tok)
+    prompts[3] = prompts[3][-1:]  # a one-token prompt: nothing to share
+    gen = torch.Generator().manual_seed(3)
+    rows = []
+    for p, n in zip(prompts, sizes, strict=True):
+        for j in range(n):
+            k = 0 if (len(rows) == 4) else int(torch.randint(1, 9, (1,), generator=gen))
+            rows.append((p, torch.randint(4, len(tok), (k,), generator=gen).tolist()))
+    order = torch.randperm(len(rows), generator=gen).tolist()
+    return [rows[i][0] for i in order], [rows[i][1] for i in order]
+
+
+@pytest.mark.parametrize("budget", [None, 1, 40])
+def test_shared_prompts_same_values_and_gradients(peaked, budget):
+    model, tok = peaked
+    prompts, completions = _grouped(tok)
+    assert min(len(p) for p in prompts) == 1 and min(len(c) for c in completions) == 0
+    weights = torch.randn(len(prompts), 9, generator=torch.Generator().manual_seed(1))
+    kwargs = {"temperature": 0.8, "with_entropy": True, "token_budget": budget}
+    ref_logp, ref_mask, ref_grads = _grads_for(model, prompts, completions, weights, **kwargs)
+    logp, mask, grads = _grads_for(
+        model, prompts, completions, weights, share_prompts=True, **kwargs
+    )
+    assert torch.equal(mask, ref_mask)
+    assert (logp - ref_logp).abs().max().item() < 1e-5
+    assert ref_logp[ref_mask.bool()].std() > 0.1  # not a comparison of constants
+    for name, g in ref_grads.items():
+        scale = g.abs().max().item()
+        assert scale > 0, name
+        assert (grads[name] - g).abs().max().item() <= 1e-4 * scale, name
+
+
+def test_shared_prompts_entropy_and_padding(peaked):
+    model, tok = peaked
+    prompts, completions = _grouped(tok)
+    flat = completion_logprobs(model, prompts, completions, with_entropy=True)
+    shared = completion_logprobs(model, prompts, completions, with_entropy=True, share_prompts=True)
+    for a, b in zip(flat, shared, strict=True):
+        assert a.shape == b.shape
+        assert (a - b).abs().max().item() < 1e-5
+    logp, mask, ent = shared
+    assert torch.all(logp[mask == 0] == 0) and torch.all(ent[mask == 0] == 0)
+
+
+def test_shared_prompts_without_repeats_is_the_flat_path(peaked):
+    model, tok = peaked
+    prompts = _prompts(tok)
+    completions = [[5], [6, 7], [8], [9, 10, 11], []]
+    flat = completion_logprobs(model, prompts, completions)[0]
+    shared = completion_logprobs(model, prompts, completions, share_prompts=True)[0]
+    assert torch.equal(flat, shared)
+
+
+def test_shared_prompts_fall_back_under_gradient_checkpointing(peaked):
+    model, tok = peaked
+    prompts, completions = _grouped(tok)
+    flat = completion_logprobs(model, prompts, completions)[0]
+    model.gradient_checkpointing_enable()
+    try:
+        model.train()
+        shared = completion_logprobs(model, prompts, completions, share_prompts=True)[0]
+    finally:
+        model.gradient_checkpointing_disable()
+        model.eval()
+    assert (flat - shared).abs().max().item() < 1e-5

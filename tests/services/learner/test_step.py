@@ -266,7 +266,8 @@ def test_activation_checkpointing_gives_the_same_gradient(model_path, groups_fac
     groups = [TrainGroup.from_labeled(g) for g in labeled]
     grads = []
     for checkpointing in (False, True):
-        trainer = _trainer(model_path, token_budget=40)
+        # The same (flat) layout both times: checkpointing turns prompt sharing off.
+        trainer = _trainer(model_path, token_budget=40, share_prompts=False)
         if checkpointing:
             _enable_activation_checkpointing(trainer.model)
             # transformers renamed the flag (5.17: is_gradient_checkpointing; 5.24: both)
@@ -279,3 +280,29 @@ def test_activation_checkpointing_gives_the_same_gradient(model_path, groups_fac
         grads.append({n: p.grad.clone() for n, p in trainer.model.named_parameters()})
     for name, g in grads[0].items():
         assert float((grads[1][name] - g).norm()) <= 1e-6 * float(g.norm()) + 1e-12, name
+
+
+def test_prompt_sharing_is_used_and_gives_the_same_gradient(
+    model_path, groups_factory, monkeypatch
+):
+    import services.learner.step as step_module
+
+    seen = []
+    real = step_module.completion_logprobs
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("share_prompts"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(step_module, "completion_logprobs", spy)
+    labeled = groups_factory(4, pattern=lambda i: [j <= i % 3 for j in range(4)], seed=5)
+    groups = [TrainGroup.from_labeled(g) for g in labeled]
+    grads = []
+    for share in (False, True):
+        trainer = _trainer(model_path, share_prompts=share)
+        trainer.accumulate(groups, 0, 100)
+        grads.append({n: p.grad.clone() for n, p in trainer.model.named_parameters()})
+    assert set(seen) == {False, True}
+    for name, g in grads[0].items():
+        assert float(g.norm()) > 0, name
+        assert float((grads[1][name] - g).norm()) <= 1e-5 * float(g.norm()), name
