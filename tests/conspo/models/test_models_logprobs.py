@@ -161,7 +161,7 @@ def _grouped(tok, sizes=(4, 1, 3, 2, 5)):
     gen = torch.Generator().manual_seed(3)
     rows = []
     for p, n in zip(prompts, sizes, strict=True):
-        for j in range(n):
+        for _ in range(n):
             k = 0 if (len(rows) == 4) else int(torch.randint(1, 9, (1,), generator=gen))
             rows.append((p, torch.randint(4, len(tok), (k,), generator=gen).tolist()))
     order = torch.randperm(len(rows), generator=gen).tolist()
