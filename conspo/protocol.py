@@ -72,16 +72,19 @@ class PackedArray(Sequence):
     Decoded from the wire it is a view of the entry's packed bytes (no per-number Python
     objects), and encoding it again hands back those same bytes: a stage that forwards a rollout
     group (the verifier) never turns 8 x 1,024 numbers into Python ints and back. Built from
-    Python lists (a generator's output) it keeps their precision (int64, float64) until it is
-    encoded. It behaves like the list it replaces where code reads it: ``len``, indexing and
-    iteration give Python numbers, slices give lists, and it equals a list or tuple with the
-    same values. ``array`` is the numpy view (read-only), e.g. for ``torch.from_numpy``.
+    Python lists (a generator's output) it takes the wire's types at once (int32 after the range
+    check, float32), so a model holds the values every reader will see and encoding copies
+    bytes, converting nothing. It behaves like the list it replaces where code reads it:
+    ``len``, indexing and iteration give Python numbers, slices give lists, and it equals a
+    list or tuple with the same values. ``array`` is the numpy view (read-only), e.g. for
+    ``torch.from_numpy``.
     """
 
     __slots__ = ("_a",)
 
     def __init__(self, values: np.ndarray) -> None:
-        values.flags.writeable = False
+        if values.flags.writeable:  # views of bytes already are not
+            values.flags.writeable = False
         self._a = values
 
     @property
@@ -170,14 +173,19 @@ def _ints_from_list(value: Any) -> np.ndarray:
     values = _INT_LIST.validate_python(value)
     if values and (min(values) < 0 or max(values) > _INT32_MAX):
         raise ValueError(f"token ids must lie in [0, {_INT32_MAX}]")
-    return np.array(values, dtype=np.int64)
+    return np.array(values, dtype=_WIRE_INT)
 
 
 def _floats_from_list(value: Any) -> np.ndarray:
-    return np.array(_FLOAT_LIST.validate_python(value), dtype=np.float64)
+    return np.array(_FLOAT_LIST.validate_python(value), dtype=_WIRE_FLOAT)
 
 
 def _token_ids(value: Any) -> PackedArray:
+    if type(value) is bytes and not len(value) % 4:  # the decoding path, in one call
+        a = np.frombuffer(value, dtype=_WIRE_INT)
+        if len(a) and a.min() < 0:
+            raise ValueError(f"token ids must lie in [0, {_INT32_MAX}]")
+        return PackedArray(a)
     a = _from_wire(value, _WIRE_INT, _ints_from_list)
     # A wire int32 cannot exceed the range's top; lists were checked on the way in.
     if a.dtype == _WIRE_INT and len(a) and int(a.min()) < 0:
@@ -186,6 +194,8 @@ def _token_ids(value: Any) -> PackedArray:
 
 
 def _logprobs(value: Any) -> PackedArray:
+    if type(value) is bytes and not len(value) % 4:
+        return PackedArray(np.frombuffer(value, dtype=_WIRE_FLOAT))
     a = _from_wire(value, _WIRE_FLOAT, _floats_from_list)
     return value if type(value) is PackedArray else PackedArray(a)
 

@@ -143,11 +143,13 @@ def test_packed_array_reads_like_the_list_it_replaces() -> None:
         hash(ids)
 
 
-def test_lists_keep_their_precision_until_encoded() -> None:
-    c = Completion(token_ids=[1], logprobs=[-0.1], text="", finish_reason="stop")
-    assert c.logprobs == [-0.1]  # float64 in memory, as the list was
+def test_lists_take_the_wire_types_at_once() -> None:
+    c = Completion(token_ids=[1, 7], logprobs=[-0.1, -2.5], text="", finish_reason="stop")
+    assert c.token_ids.array.dtype == np.dtype("<i4")
+    assert c.logprobs.array.dtype == np.dtype("<f4")
+    assert c.logprobs == [float(np.float32(-0.1)), -2.5]  # what every reader will see
     back = decode(encode(make_group(1, 1).model_copy(update={"completions": [c]})), RolloutGroup)
-    assert back.completions[0].logprobs == [float(np.float32(-0.1))]
+    assert back.completions[0] == c  # the same values before and after the wire
 
 
 def test_negative_packed_token_id_is_a_decode_error() -> None:
