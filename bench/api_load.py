@@ -14,13 +14,15 @@ Two shapes, each the median of ``--repeats`` interleaved repeats (req/s, p50, p9
 - batch: 100 prompts per request (goal: >= 1,000 prompts/s with p99 < 50 ms idle).
 
 With ``--while-training`` the goals are the loaded ones (>= 300 req/s or prompts/s, p99 <
-250 ms) and the caller runs the training (e.g. ``conspo demo``) alongside: this script only
-changes which goal it prints, because starting a demo of its own would measure the demo's
-start-up instead. ``--url`` points it at an api that is already running (a demo's) instead of
-starting one; ``--workers`` sets ``CONSPO_WORKERS`` of the api it starts.
+250 ms) and the caller runs the training (e.g. ``conspo demo``) alongside; ``--train`` starts
+that demo itself (its own run on the same Redis and cores) and measures once its learner has
+logged a step, so the loaded figures are one command too (``run_all.py`` uses it). The results'
+``goals`` list names each figure as ``run_all.py``'s ISSUE_GOALS do. ``--url`` points it at an
+api that is already running (a demo's) instead of starting one; ``--workers`` sets
+``CONSPO_WORKERS`` of the api it starts.
 
 Usage: python bench/api_load.py [--requests N] [--concurrency C] [--repeats R] [--workers W]
-       [--while-training] [--url URL] [--smoke] [--json PATH] [--redis-url URL]
+       [--while-training | --train] [--url URL] [--smoke] [--json PATH] [--redis-url URL]
 """
 
 from __future__ import annotations
@@ -31,9 +33,12 @@ import contextlib
 import json
 import logging
 import os
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -44,7 +49,7 @@ import httpx
 import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import describe, machine, table, write_json
+from _common import describe, goal, machine, table, write_json
 
 from conspo.redis_conn import free_port, reachable_or_local
 from conspo.testing import delete_run, wait_for
@@ -162,6 +167,36 @@ def drive(url: str, shape: str, n: int, concurrency: int, rate: float | None = N
 
 
 @contextlib.contextmanager
+def training_alongside(redis_url: str, timeout_s: float = 300.0) -> Iterator[Path]:
+    """``conspo demo`` on its own run (same Redis, same cores), until its learner has logged a
+    step; stopped with SIGINT (the demo stops every service it started) when the load is done."""
+    out = Path(tempfile.mkdtemp(prefix="api-load-demo-"))
+    env = {**os.environ, "CONSPO_REDIS_URL": redis_url}
+    cmd = [sys.executable, "-m", "conspo.cli", "demo", "--steps", "100000", "--quiet"]
+    cmd += ["--out", str(out), "--seed", str(uuid.uuid4().int % 10_000)]
+    with open(out / "demo.log", "wb") as log_file:
+        proc = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    try:
+
+        def training() -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the demo exited with {proc.returncode} (see {out}/demo.log)")
+            return any('"kind": "train"' in p.read_text() for p in out.rglob("metrics.jsonl"))
+
+        if not wait_for(training, timeout=timeout_s, interval=0.5):
+            raise RuntimeError(f"the demo did not train within {timeout_s:.0f} s")
+        yield out
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(out, ignore_errors=True)
+
+
+@contextlib.contextmanager
 def api_server(redis_url: str, run: str, workers: int | None) -> Iterator[str]:
     port = free_port()
     env = {
@@ -216,13 +251,16 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--workers", type=int, default=None, help="CONSPO_WORKERS of the api")
     ap.add_argument("--while-training", action="store_true", help="judge by the loaded goals")
+    ap.add_argument(
+        "--train", action="store_true", help="start a demo training alongside (implies the above)"
+    )
     ap.add_argument("--url", default=None, help="an api already running (auth disabled)")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--json", default=None)
     ap.add_argument("--redis-url", default=None)
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    mode = "training" if args.while_training else "idle"
+    mode = "training" if args.while_training or args.train else "idle"
     rate_goal, p99_goal = GOALS[mode]
     duration = 1.0 if args.smoke else args.duration
     counts = {
@@ -243,6 +281,8 @@ def main() -> None:
             redis_url = stack.enter_context(reachable_or_local(args.redis_url))
             client = redis.Redis.from_url(redis_url)
             stack.callback(delete_run, client, run)
+            if args.train:
+                stack.enter_context(training_alongside(redis_url))
             url = stack.enter_context(api_server(redis_url, run, args.workers))
         drive(url, "single", min(500, counts["single"]), args.concurrency)  # warm-up
         for _ in range(repeats):  # interleaved: every repeat runs every row once
@@ -253,7 +293,8 @@ def main() -> None:
                     drive(url, shape, n_goal, args.concurrency, rate=goal_rate[shape])
                 )
     results = {name: _median(rs) for name, rs in runs.items()}
-    rows, verdicts = [], []
+    rows, verdicts, goals = [], [], []
+    when = "idle" if mode == "idle" else "while training"
     for shape in counts:
         unit = "req/s" if shape == "single" else "prompts/s"
         capacity, at_goal = results[f"{shape} capacity"], results[f"{shape} at goal"]
@@ -261,6 +302,12 @@ def main() -> None:
         errors = capacity["errors"] + at_goal["errors"]
         met = rate >= rate_goal and at_goal["p99_ms"] < p99_goal and errors == 0
         at_goal["goal"] = {"rate": rate_goal, "unit": unit, "p99_ms": p99_goal, "met": met}
+        what = "single prompt" if shape == "single" else f"batches of {BATCH}"
+        # A run with errors does not count as meeting the rate goal.
+        goals.append(goal(f"API {what} {unit}, {when}", rate if errors == 0 else 0.0, rate_goal,
+                          unit))  # fmt: skip
+        goals.append(goal(f"API {what} p99, {when}", at_goal["p99_ms"], p99_goal, "ms",
+                          higher_is_better=False))  # fmt: skip
         for phase, r in (("capacity", capacity), ("at goal", at_goal)):
             rows.append(
                 [
@@ -293,7 +340,7 @@ def main() -> None:
             "mode": mode,
             "concurrency": args.concurrency,
             "repeats": repeats,
-            "goals": {"rate": rate_goal, "p99_ms": p99_goal},
+            "goals": goals,
             "results": results,
             "runs": runs,
         },

@@ -52,6 +52,8 @@ BENCHES = [
         "queue_throughput.py",
         ("machine", "groups_per_s", "ratio_vs_raw_xadd"),
     ),
+    Bench("api_load", "api_load.py", ("machine", "results", "goals")),
+    Bench("api_load_training", "api_load.py", ("machine", "results", "goals"), args=("--train",)),
     Bench("objectives_overhead", "objectives_overhead.py", ("machine", "seconds", "ratio")),
     Bench(
         "generator_throughput",
@@ -79,21 +81,22 @@ ISSUE_GOALS: dict[str, tuple[str, float, str, bool]] = {
     "vs TRL samples/s, max_staleness 1": ("vs_trl", 1.0, "x", True),
     "held-out accuracy vs TRL, max_staleness 1": ("vs_trl", -2.0, "pts", True),
     "vs TRL samples/s, synchronous (max_staleness 0)": ("vs_trl", 0.8, "x", True),
-    "API single prompt req/s, idle": ("api_throughput", 1000.0, "req/s", True),
-    "API single prompt p99, idle": ("api_throughput", 50.0, "ms", False),
-    "API single prompt req/s, while training": ("api_throughput", 300.0, "req/s", True),
-    "API single prompt p99, while training": ("api_throughput", 250.0, "ms", False),
-    "API batches of 100 prompts/s, idle": ("api_throughput", 1000.0, "prompts/s", True),
-    "API batches of 100 p99, idle": ("api_throughput", 50.0, "ms", False),
-    "API batches of 100 prompts/s, while training": ("api_throughput", 300.0, "prompts/s", True),
-    "API batches of 100 p99, while training": ("api_throughput", 250.0, "ms", False),
+    "API single prompt req/s, idle": ("api_load", 1000.0, "req/s", True),
+    "API single prompt p99, idle": ("api_load", 50.0, "ms", False),
+    "API single prompt req/s, while training": ("api_load_training", 300.0, "req/s", True),
+    "API single prompt p99, while training": ("api_load_training", 250.0, "ms", False),
+    "API batches of 100 prompts/s, idle": ("api_load", 1000.0, "prompts/s", True),
+    "API batches of 100 p99, idle": ("api_load", 50.0, "ms", False),
+    "API batches of 100 prompts/s, while training": ("api_load_training", 300.0, "prompts/s", True),
+    "API batches of 100 p99, while training": ("api_load_training", 250.0, "ms", False),
     "queue vs raw Redis (8x512-token groups)": ("queue_throughput", 0.5, "x", True),
 }
 
 
 def _derived_queue(data: dict[str, Any]) -> list[dict[str, Any]]:
-    # Until the script reports its own goals: its ratio against raw Redis, as it measures it.
-    return [goal("queue vs raw Redis (8x512-token groups)", data["ratio_vs_raw_xadd"], 0.5, "x")]
+    # Results written before the script reported its own goals: the same ratio, from its keys.
+    ratio = data["ratio_vs_raw_cycle"]["conspo publish/read/ack"]
+    return [goal("queue vs raw Redis (8x512-token groups)", ratio, 0.5, "x")]
 
 
 DERIVED = {"queue_throughput": _derived_queue}

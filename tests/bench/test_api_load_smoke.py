@@ -1,6 +1,6 @@
 """``bench/api_load.py --smoke`` starts its own api, loads it and writes its report; every
-answer was a 202. No speed is asserted (a shared CI machine's timings mean nothing). Not in
-``bench/run_all.py`` yet, so it has its own smoke test."""
+answer was a 202, and its goals carry the names ``bench/run_all.py`` judges. No speed is
+asserted (a shared CI machine's timings mean nothing)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "bench"))
+
+from run_all import ISSUE_GOALS  # noqa: E402
 
 
 def test_api_load_smoke(tmp_path, redis_url):
@@ -33,5 +36,7 @@ def test_api_load_smoke(tmp_path, redis_url):
         "batch capacity",
         "batch at goal",
     }
+    names = {g["name"] for g in report["goals"]}
+    assert names == {n for n, (src, *_) in ISSUE_GOALS.items() if src == "api_load"}
     for row in report["results"].values():
         assert row["errors"] == 0 and row["requests"] > 0 and row["p99_ms"] >= row["p50_ms"]
