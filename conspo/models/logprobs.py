@@ -188,6 +188,9 @@ def _forward_shared(
         if len(c):
             input_ids[r, 1 : 1 + len(c)] = torch.as_tensor(list(c), dtype=torch.long)
     positions = pre_len[owner_t][:, None] + torch.arange(width)[None, :]
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(limit, int):  # only padding lies past a row's own end: keep it in range
+        positions = positions.clamp(max=limit - 1)
     attention = torch.ones((rows, width_pre + width), dtype=torch.long)
     attention[:, :width_pre] = torch.arange(width_pre)[None, :] < pre_len[owner_t][:, None]
     out = model(
