@@ -250,7 +250,7 @@ class LocalStack:
 
     def starting(self) -> list[Proc]:
         """Processes with no heartbeat yet, or one that still says "starting"."""
-        up = {b.pid for b in RunStore(self.client, Keys(run=self.cfg.run)).heartbeats()
+        up = {b.pid for b in RunStore(self.client, self.keys).heartbeats()
               if b.status != "starting"}  # fmt: skip
         return [p for p in self.procs if p.popen is not None and p.popen.pid not in up]
 

@@ -277,6 +277,18 @@ def test_the_feeder_respects_backpressure(start_api, shared_data, redis_client, 
     assert row_ids != sorted(row_ids, key=int)  # shuffled
 
 
+def test_a_batch_bound_tick_goes_again_at_once(start_api, redis_client, keys):
+    # 5 prompts a tick, 60 of room, a 2 s interval: one tick per interval would take 24 s; a
+    # tick that the batch (not the room) cut short is followed by the next one at once, so the
+    # room fills within the first interval after the dataset lands.
+    server = start_api(feed_max_backlog=60, feed_batch=5, feed_interval_s=2.0)
+    rows = [{"q": f"{i}+1", "a": str(i + 1)} for i in range(200)]
+    spec = {"rows": rows, "prompt_field": "q", "answer_field": "a"}
+    assert server.http.post("/v1/datasets", json=spec).status_code == 201
+    assert wait_for(lambda: redis_client.xlen(keys.prompts) >= 60, timeout=6)
+    assert not wait_for(lambda: redis_client.xlen(keys.prompts) > 60, timeout=0.5)
+
+
 def drain(redis_client, keys) -> None:
     queue = StreamQueue(redis_client, keys, "prompts", Prompt)
     while taken := queue.read("drain", count=100, block_ms=None):
