@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
@@ -45,21 +45,30 @@ from transformers import DynamicCache, PreTrainedModel
 logger = logging.getLogger(__name__)
 
 
-def _plan_chunks(lengths: Sequence[int], token_budget: int | None) -> list[list[int]]:
-    """Row indices per forward pass, each chunk's rows x max length within the budget."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+def _cut(
+    order: Sequence[int], cost: Callable[[list[int]], int], token_budget: int | None
+) -> list[list[int]]:
+    """``order`` cut greedily into chunks whose ``cost`` fits the budget (an item that alone
+    exceeds it is a chunk alone)."""
     if token_budget is None:
-        return [order]
+        return [list(order)]
     chunks: list[list[int]] = []
     current: list[int] = []
-    for i in order:  # ascending lengths: the newest row is the longest of its chunk
-        if current and (len(current) + 1) * lengths[i] > token_budget:
+    for i in order:
+        if current and cost([*current, i]) > token_budget:
             chunks.append(current)
             current = []
         current.append(i)
     if current:
         chunks.append(current)
     return chunks
+
+
+def _plan_chunks(lengths: Sequence[int], token_budget: int | None) -> list[list[int]]:
+    """Row indices per forward pass, each chunk's rows x max length within the budget."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    # Ascending lengths: a chunk's last row is its longest.
+    return _cut(order, lambda chunk: len(chunk) * lengths[chunk[-1]], token_budget)
 
 
 def _forward_chunk(
@@ -130,24 +139,14 @@ def _plan_prompt_chunks(
     prompt_lens: Sequence[int], widths: Sequence[int], rows: Sequence[int], token_budget: int | None
 ) -> list[list[int]]:
     """Distinct-prompt indices per shared forward: prompts sorted by their longest completion,
-    each chunk's prefill plus ``rows x (1 + longest completion)`` within the budget (a prompt
-    whose rows alone exceed it is a chunk alone)."""
+    each chunk's prefill plus ``rows x (1 + longest completion)`` within the budget."""
     order = sorted(range(len(widths)), key=lambda i: (widths[i], prompt_lens[i]))
-    if token_budget is None:
-        return [order]
-    chunks: list[list[int]] = []
-    current: list[int] = []
-    n_rows = longest_prompt = 0
-    for i in order:  # ascending widths: the newest prompt has the chunk's longest completion
-        r, lp = n_rows + rows[i], max(longest_prompt, prompt_lens[i])
-        if current and (r * (1 + widths[i]) + (len(current) + 1) * lp) > token_budget:
-            chunks.append(current)
-            current, r, lp = [], rows[i], prompt_lens[i]
-        current.append(i)
-        n_rows, longest_prompt = r, lp
-    if current:
-        chunks.append(current)
-    return chunks
+
+    def cost(chunk: list[int]) -> int:  # ascending widths: the last prompt's is the longest
+        prefill = len(chunk) * max(prompt_lens[i] for i in chunk)
+        return sum(rows[i] for i in chunk) * (1 + widths[chunk[-1]]) + prefill
+
+    return _cut(order, cost, token_budget)
 
 
 def _forward_shared(
