@@ -38,6 +38,7 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
@@ -264,49 +265,43 @@ def completion_logprobs(
     if share_prompts:
         for r, p in enumerate(prompt_ids):
             distinct.setdefault(tuple(p), []).append(r)
+    # One forward per chunk, each with the rows (caller's indices) it returns, in that order.
+    passes: list[tuple[list[int], Callable[..., tuple[torch.Tensor, torch.Tensor | None]]]] = []
     if share_prompts and len(distinct) < B:
         prompts = list(distinct)
         members = list(distinct.values())
         widths = [max(len(completion_ids[r]) for r in m) for m in members]
-        chunks = _plan_prompt_chunks(
+        for chunk in _plan_prompt_chunks(
             [len(p) - 1 for p in prompts], widths, [len(m) for m in members], token_budget
-        )
-        order = []
-        for chunk in chunks:
-            owner = [k for k, pi in enumerate(chunk) for _ in members[pi]]
+        ):
             rows = [r for pi in chunk for r in members[pi]]
-            logp, ent = _forward_shared(
+            owner = [k for k, pi in enumerate(chunk) for _ in members[pi]]
+            forward = partial(
+                _forward_shared,
                 model,
                 [prompts[pi][:-1] for pi in chunk],
                 [prompts[pi][-1] for pi in chunk],
                 owner,
                 [completion_ids[r] for r in rows],
-                t_max,
-                temp,
-                with_entropy,
-                pad_id,
             )
-            logps.append(logp)
-            if ent is not None:
-                ents.append(ent)
-            order.extend(rows)
+            passes.append((rows, forward))
     else:
         lengths = [len(p) + len(c) for p, c in zip(prompt_ids, completion_ids, strict=True)]
-        chunks = _plan_chunks(lengths, token_budget)
-        for chunk in chunks:
-            logp, ent = _forward_chunk(
+        for chunk in _plan_chunks(lengths, token_budget):
+            forward = partial(
+                _forward_chunk,
                 model,
                 [prompt_ids[i] for i in chunk],
                 [completion_ids[i] for i in chunk],
-                t_max,
-                temp,
-                with_entropy,
-                pad_id,
             )
-            logps.append(logp)
-            if ent is not None:
-                ents.append(ent)
-        order = [i for chunk in chunks for i in chunk]
+            passes.append((chunk, forward))
+    order: list[int] = []
+    for rows, forward in passes:
+        logp, ent = forward(t_max, temp, with_entropy, pad_id)
+        logps.append(logp)
+        if ent is not None:
+            ents.append(ent)
+        order.extend(rows)
     inverse = torch.empty(B, dtype=torch.long)
     inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(B)
     inverse = inverse.to(device)
