@@ -153,10 +153,6 @@ _FLOAT_LIST = TypeAdapter(list[float])
 
 
 def _from_wire(value: Any, wire: np.dtype, from_list: Callable[[Any], np.ndarray]) -> np.ndarray:
-    if type(value) is bytes:  # the decoding path first: one exact type check
-        if len(value) % wire.itemsize:
-            raise ValueError(f"packed {wire.str} array has a ragged byte length {len(value)}")
-        return np.frombuffer(value, dtype=wire)
     if type(value) is PackedArray:
         return value.array
     if isinstance(value, bytes | bytearray | memoryview):
@@ -181,20 +177,18 @@ def _floats_from_list(value: Any) -> np.ndarray:
 
 
 def _token_ids(value: Any) -> PackedArray:
-    if type(value) is bytes and not len(value) % 4:  # the decoding path, in one call
+    if type(value) is bytes and not len(value) % 4:  # the decoding path: no further call
         a = np.frombuffer(value, dtype=_WIRE_INT)
-        if len(a) and a.min() < 0:
-            raise ValueError(f"token ids must lie in [0, {_INT32_MAX}]")
-        return PackedArray(a)
-    a = _from_wire(value, _WIRE_INT, _ints_from_list)
-    # A wire int32 cannot exceed the range's top; lists were checked on the way in.
-    if a.dtype == _WIRE_INT and len(a) and int(a.min()) < 0:
+    else:
+        a = _from_wire(value, _WIRE_INT, _ints_from_list)
+    # An int32 cannot exceed the range's top; only the sign is left to check.
+    if len(a) and a.min() < 0:
         raise ValueError(f"token ids must lie in [0, {_INT32_MAX}]")
     return value if type(value) is PackedArray else PackedArray(a)
 
 
 def _logprobs(value: Any) -> PackedArray:
-    if type(value) is bytes and not len(value) % 4:
+    if type(value) is bytes and not len(value) % 4:  # the decoding path: no further call
         return PackedArray(np.frombuffer(value, dtype=_WIRE_FLOAT))
     a = _from_wire(value, _WIRE_FLOAT, _floats_from_list)
     return value if type(value) is PackedArray else PackedArray(a)
